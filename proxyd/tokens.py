@@ -1,0 +1,176 @@
+"""Token counting: the estimate of a request before it is forwarded, and counting relayed text.
+
+Tokenizers are tiktoken ``Encoding`` objects. tiktoken's built-in encodings download their rank files
+at first use, which fails offline, so proxyd loads the Llama 3 ranks that ship inside the PyPI package
+``llama-models`` (``llama3/tokenizer.model``); they are exact for llama3.x. A model is mapped to a
+tokenizer and a chat-template shape in config (``models.<name>``); unknown models fall back to the
+Llama 3 ranks with a generic per-message overhead, which is close for most modern BPE vocabularies.
+
+Encoding costs about 1 µs per token and tiktoken releases the GIL, so large texts are encoded in a
+thread pool: a 100k-token prompt must not stall the event loop for everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+# Meta's pre-tokenizer regex for Llama 3 (the same one llama_models uses).
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Texts shorter than this are encoded inline: handing them to a thread costs more than encoding.
+OFFLOAD_CHARS = 16_384
+
+
+@functools.lru_cache(maxsize=None)
+def llama3_encoding() -> tiktoken.Encoding:
+    import llama_models
+
+    path = os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
+    ranks = load_tiktoken_bpe(path)
+    return tiktoken.Encoding("llama3", pat_str=_LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
+ENCODINGS = {"llama3": llama3_encoding}
+
+
+@dataclass(frozen=True)
+class TemplateShape:
+    """How a model's chat template adds tokens around the message texts.
+
+    llama3 (Ollama's llama3.2 template, measured in shared/notes/ollama-wire.md §11): 25 tokens for a
+    single user message (BOS, a system block with the knowledge-date line, headers, eot, the
+    generation header), +5 per further user/assistant message; system text only adds its own tokens.
+    moondream: no system slot (system messages are dropped), ~7 tokens per question turn + BOS.
+    """
+
+    base: int  # fixed tokens per request, covering the first user/assistant message
+    per_message: int  # each further user/assistant/tool message
+    system_counts: bool  # whether system text reaches the prompt at all
+    system_join: int  # tokens joining several system messages
+
+
+TEMPLATES = {
+    "llama3": TemplateShape(base=25, per_message=5, system_counts=True, system_join=1),
+    "moondream": TemplateShape(base=8, per_message=7, system_counts=False, system_join=0),
+    "generic": TemplateShape(base=8, per_message=5, system_counts=True, system_join=5),
+    "none": TemplateShape(base=0, per_message=0, system_counts=True, system_join=0),
+}
+
+
+@dataclass(frozen=True)
+class ModelTokens:
+    encoding: tiktoken.Encoding
+    template: TemplateShape
+    image_tokens: int
+
+
+class TokenCounter:
+    """Counts tokens per model, as configured. Built once; shared by all handlers."""
+
+    def __init__(self, models: dict[str, dict[str, Any]], default: dict[str, Any]) -> None:
+        self._models = models
+        self._default = default
+        self._cache: dict[str, ModelTokens] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+    def for_model(self, model: str) -> ModelTokens:
+        found = self._cache.get(model)
+        if found is None:
+            spec = {**self._default, **self._models.get(model, self._models.get(model.split(":")[0], {}))}
+            found = ModelTokens(
+                encoding=ENCODINGS[spec.get("tokenizer", "llama3")](),
+                template=TEMPLATES[spec.get("template", "generic")],
+                image_tokens=int(spec.get("image_tokens", 0)),
+            )
+            self._cache[model] = found
+        return found
+
+    # -- counting ---------------------------------------------------------------------------
+
+    def count(self, model: str, text: str) -> int:
+        return len(self.for_model(model).encoding.encode_ordinary(text)) if text else 0
+
+    async def count_many(self, model: str, texts: list[str]) -> list[int]:
+        """Counts each text; big batches go to a thread so the event loop keeps serving."""
+        enc = self.for_model(model).encoding
+        if sum(len(t) for t in texts) < OFFLOAD_CHARS:
+            return [len(enc.encode_ordinary(t)) if t else 0 for t in texts]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, lambda: [len(enc.encode_ordinary(t)) if t else 0 for t in texts]
+        )
+
+    # -- estimates of a request's prompt -----------------------------------------------------
+
+    async def chat_prompt(self, model: str, messages: list[dict[str, Any]]) -> int:
+        """Prompt tokens of a chat request as the model's template will render it."""
+        shape = self.for_model(model)
+        texts: list[str] = []
+        roles: list[str] = []
+        images = 0
+        for msg in messages:
+            role = msg.get("role", "user")
+            parts = list(_message_texts(msg))
+            images += _count_images(msg)
+            texts.append("\n\n".join(parts))
+            roles.append(role)
+        counts = await self.count_many(model, texts)
+        t = shape.template
+        total = t.base
+        turns = 0
+        systems = 0
+        for role, n in zip(roles, counts):
+            if role in ("system", "developer"):
+                if t.system_counts:
+                    total += n + (t.system_join if systems else 0)
+                systems += 1
+            else:
+                total += n
+                turns += 1
+        total += t.per_message * max(0, turns - 1)
+        return total + images * shape.image_tokens
+
+    async def text_prompt(self, model: str, prompt: str) -> int:
+        """/v1/completions: Ollama wraps the prompt in the chat template as one user message."""
+        shape = self.for_model(model)
+        (n,) = await self.count_many(model, [prompt])
+        return shape.template.base + n
+
+    async def embedding_input(self, model: str, inputs: list[str]) -> int:
+        counts = await self.count_many(model, inputs)
+        return sum(counts)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _message_texts(msg: dict[str, Any]) -> Iterable[str]:
+    content = msg.get("content")
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                yield part["text"]
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            yield str(fn.get("name", "")) + str(fn.get("arguments", ""))
+
+
+def _count_images(msg: dict[str, Any]) -> int:
+    content = msg.get("content")
+    if not isinstance(content, list):
+        return 0
+    return sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image_url")
