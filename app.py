@@ -1,0 +1,168 @@
+"""proxyd: a metering OpenAI-compatible proxy in front of Ollama.
+
+    python app.py                      # serve on :8000 in front of http://127.0.0.1:11434
+    python app.py --demo               # no Ollama? serve in front of the bundled Ollama emulator
+    python app.py --print-settings     # every config key with its type, default and help
+    python app.py --check-ledger       # aggregates == sum of request rows? (exit 1 if not)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import sqlite3
+import sys
+
+from tornado.httpserver import HTTPServer
+
+from proxyd.config import ConfigError, describe, load_config
+from proxyd.server import build_context, make_app
+
+log = logging.getLogger("proxyd")
+
+DEMO_SNIPPET = """
+================================================================================
+proxyd demo is up: http://{host}:{port}  (upstream: Ollama emulator at {upstream})
+Admin token for this run: {admin}
+
+Try it with the openai SDK (pip install openai):
+
+from openai import OpenAI
+client = OpenAI(base_url="http://{host}:{port}", api_key="{key}")
+r = client.chat.completions.create(model="llama3.2:1b",
+        messages=[{{"role": "user", "content": "What is 2+2?"}}], max_tokens=20)
+print(r.choices[0].message.content, r.usage)
+for chunk in client.chat.completions.create(model="llama3.2:1b", stream=True,
+        messages=[{{"role": "user", "content": "Tell me a story"}}]):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+Your usage:  curl -s http://{host}:{port}/v1/usage -H "Authorization: Bearer {key}"
+================================================================================
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="proxyd: metering OpenAI-compatible proxy for Ollama")
+    p.add_argument("--config", help="config.yaml path (env PROXYD_CONFIG; default ./config.yaml if present)")
+    p.add_argument("--port", type=int, help="listen port (overrides server.port / PROXYD_PORT)")
+    p.add_argument("--demo", action="store_true", help="run against the bundled Ollama emulator")
+    p.add_argument("--print-settings", action="store_true", help="list every config key and exit")
+    p.add_argument("--check-ledger", action="store_true", help="check ledger consistency and exit")
+    return p.parse_args(argv)
+
+
+async def serve(config, *, demo: bool = False) -> int:
+    loop = asyncio.get_running_loop()
+    emulator_server = None
+    if demo:
+        from proxyd.emulator import start_emulator
+
+        emulator_server, emu_port, _state = await start_emulator(port=0, token_delay_s=0.03)
+        config["upstream.url"] = f"http://127.0.0.1:{emu_port}"
+        if not config["admin.token"]:
+            config["admin.token"] = "adm-" + secrets.token_urlsafe(16)
+
+    ctx = build_context(config)
+    ctx.store.bind_loop(loop)
+    servers = []
+    main_app = make_app(ctx, admin_api=config["admin.port"] is None)
+    server_kw = dict(
+        max_body_size=config["server.max_body_bytes"] * 2,
+        body_timeout=config["server.body_timeout_s"],
+        idle_connection_timeout=config["server.idle_connection_timeout_s"],
+    )
+    main = HTTPServer(main_app, **server_kw)
+    main.listen(config["server.port"], address=config["server.address"])
+    servers.append(main)
+    if config["admin.port"] is not None:
+        admin_server = HTTPServer(make_app(ctx, api=False), **server_kw)
+        admin_server.listen(config["admin.port"], address=config["admin.address"] or "127.0.0.1")
+        servers.append(admin_server)
+        log.info("admin API on http://%s:%d", config["admin.address"] or "127.0.0.1", config["admin.port"])
+
+    log.info("proxyd listening on http://%s:%d, upstream %s, ledger %s",
+             config["server.address"], config["server.port"], config["upstream.url"], config["database.path"])
+    if not config["admin.token"]:
+        log.warning("no admin token set (PROXYD_ADMIN_TOKEN or admin.token): the admin API answers 401 to everyone")
+    ok, detail = await ctx.upstream.health()
+    if ok:
+        log.info("upstream %s is answering", config["upstream.url"])
+    else:
+        log.warning(
+            "upstream %s is NOT answering (%s). proxyd is serving anyway: model requests get 502 until Ollama is up "
+            "(see /healthz). No Ollama here? Try: python app.py --demo", config["upstream.url"], detail)
+
+    if demo:
+        user = ctx.accounts.users.get("demo")
+        if user is None:
+            _, key, _ = await ctx.accounts.create_user("demo", {}, None)
+        else:
+            key, _ = await ctx.accounts.add_key("demo")
+        host = "localhost" if config["server.address"] in ("127.0.0.1", "0.0.0.0") else config["server.address"]
+        print(DEMO_SNIPPET.format(host=host, port=config["server.port"], upstream=config["upstream.url"],
+                                  admin=config["admin.token"], key=key), flush=True)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    # Graceful shutdown: stop accepting, let in-flight requests (streams too) finish up to the grace
+    # deadline, then flush the ledger writer. HTTPServer.close_all_connections() would abort streams.
+    log.info("shutting down: draining %d in-flight requests (up to %ss)", ctx.in_flight, config["server.shutdown_grace_s"])
+    ctx.shutting_down = True
+    for s in servers:
+        s.stop()
+    deadline = loop.time() + config["server.shutdown_grace_s"]
+    while ctx.in_flight > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if ctx.in_flight:
+        log.warning("%d requests still running at the deadline; closing them", ctx.in_flight)
+    for s in servers:
+        await s.close_all_connections()
+    await asyncio.sleep(0)  # let aborted handlers reach their settle/void
+    await ctx.upstream.close()
+    await ctx.images.close()
+    await ctx.store.close()
+    ctx.tokens.close()
+    if emulator_server is not None:
+        emulator_server.stop()
+    log.info("stopped cleanly; %d reservations left pending", ctx.meter.limiter.pending)
+    return 0
+
+
+def check_ledger(config) -> int:
+    from proxyd.reports import consistency
+
+    conn = sqlite3.connect(config["database.path"])
+    result = consistency(conn)
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.print_settings:
+        print(describe())
+        return 0
+    logging.basicConfig(level=os.environ.get("PROXYD_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    path = args.config or os.environ.get("PROXYD_CONFIG") or ("config.yaml" if os.path.exists("config.yaml") else None)
+    overrides = {"server.port": args.port} if args.port else {}
+    try:
+        config = load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"proxyd: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config["logging.level"])
+    if args.check_ledger:
+        return check_ledger(config)
+    return asyncio.run(serve(config, demo=args.demo))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

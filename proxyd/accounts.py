@@ -1,0 +1,185 @@
+"""Users and their API keys.
+
+Keys are ``sk-proxyd-`` + 43 random URL-safe characters (256 bits): the prefix makes a leaked key
+easy to recognise (secret scanners, logs). Only the SHA-256 of a key is stored; a plain hash is the
+right tool for high-entropy secrets (a slow password hash would only cost CPU on every request).
+
+The whole table lives in memory, loaded at start and changed only through this class, which writes
+through the store first and updates memory after the commit: authenticating a request is a dict
+lookup, never a query. (One process owns the database; see docs/DESIGN.md on workers.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import AuthError, Conflict, NotFound, PermissionDenied
+from .store import Store
+
+KEY_PREFIX = "sk-proxyd-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass
+class User:
+    user_id: str
+    created_at: str
+    disabled: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # admin limits, already parsed (nano-USD)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is making a request: the result of authentication."""
+
+    user: User
+    key_id: str
+
+
+@dataclass
+class KeyRow:
+    key_id: str
+    user_id: str
+    prefix: str
+    created_at: str
+    revoked_at: str | None = None
+
+
+class Accounts:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.users: dict[str, User] = {}
+        self.keys: dict[str, KeyRow] = {}  # key_id -> row
+        self._by_hash: dict[str, str] = {}  # sha256 -> key_id, live keys only
+
+    def load(self, parse_overrides) -> None:
+        """Start-up: reads users and keys into memory. ``parse_overrides`` validates stored limits."""
+
+        def q(conn):
+            users = conn.execute("SELECT user_id, created_at, disabled, limits_json FROM users").fetchall()
+            keys = conn.execute(
+                "SELECT key_id, user_id, key_hash, prefix, created_at, revoked_at FROM api_keys"
+            ).fetchall()
+            return users, keys
+
+        users, keys = self.store.read_now(q)
+        for r in users:
+            raw = json.loads(r["limits_json"]) if r["limits_json"] else {}
+            self.users[r["user_id"]] = User(r["user_id"], r["created_at"], bool(r["disabled"]), parse_overrides(raw))
+        for r in keys:
+            self.keys[r["key_id"]] = KeyRow(r["key_id"], r["user_id"], r["prefix"], r["created_at"], r["revoked_at"])
+            if r["revoked_at"] is None:
+                self._by_hash[r["key_hash"]] = r["key_id"]
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        if not authorization:
+            raise AuthError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer sk-proxyd-...'."
+            )
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthError("The Authorization header must be 'Bearer <API key>'.")
+        key_id = self._by_hash.get(hash_key(token))
+        if key_id is None:
+            raise AuthError("Incorrect API key provided (unknown or revoked).")
+        user = self.users[self.keys[key_id].user_id]
+        if user.disabled:
+            raise PermissionDenied(f"User {user.user_id} is disabled.", code="user_disabled")
+        return Caller(user, key_id)
+
+    # -- administration (every change is committed before memory changes) ------------------------
+
+    def get(self, user_id: str) -> User:
+        user = self.users.get(user_id)
+        if user is None:
+            raise NotFound(f"No user '{user_id}'.", code="user_not_found")
+        return user
+
+    async def create_user(self, user_id: str, overrides: dict[str, Any], overrides_raw: Any) -> tuple[User, str, str]:
+        if user_id in self.users:
+            raise Conflict(f"User '{user_id}' already exists.", code="user_exists")
+        now = _now()
+        key, key_id = new_key(), _key_id()
+        limits_json = json.dumps(overrides_raw) if overrides_raw else None
+
+        def op(conn):
+            conn.execute(
+                "INSERT INTO users (user_id, created_at, disabled, limits_json) VALUES (?, ?, 0, ?)",
+                (user_id, now, limits_json),
+            )
+            conn.execute(
+                "INSERT INTO api_keys (key_id, user_id, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
+                (key_id, user_id, hash_key(key), key[:14], now),
+            )
+
+        self.users[user_id] = user = User(user_id, now, False, overrides)  # claim the id before awaiting
+        try:
+            await self.store.submit(op)
+        except Exception:
+            del self.users[user_id]
+            raise
+        self.keys[key_id] = KeyRow(key_id, user_id, key[:14], now)
+        self._by_hash[hash_key(key)] = key_id
+        return user, key, key_id
+
+    async def add_key(self, user_id: str) -> tuple[str, str]:
+        self.get(user_id)
+        now = _now()
+        key, key_id = new_key(), _key_id()
+        await self.store.submit_sql(
+            "INSERT INTO api_keys (key_id, user_id, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
+            (key_id, user_id, hash_key(key), key[:14], now),
+        )
+        self.keys[key_id] = KeyRow(key_id, user_id, key[:14], now)
+        self._by_hash[hash_key(key)] = key_id
+        return key, key_id
+
+    async def revoke_key(self, key_id: str) -> None:
+        row = self.keys.get(key_id)
+        if row is None or row.revoked_at is not None:
+            raise NotFound(f"No live key '{key_id}'.", code="key_not_found")
+        now = _now()
+        await self.store.submit_sql("UPDATE api_keys SET revoked_at=? WHERE key_id=?", (now, key_id))
+        row.revoked_at = now
+        for h, kid in list(self._by_hash.items()):
+            if kid == key_id:
+                del self._by_hash[h]
+
+    async def set_disabled(self, user_id: str, disabled: bool) -> User:
+        user = self.get(user_id)
+        await self.store.submit_sql("UPDATE users SET disabled=? WHERE user_id=?", (int(disabled), user_id))
+        user.disabled = disabled
+        return user
+
+    async def set_overrides(self, user_id: str, overrides: dict[str, Any], overrides_raw: Any) -> User:
+        user = self.get(user_id)
+        limits_json = json.dumps(overrides_raw) if overrides_raw else None
+        await self.store.submit_sql("UPDATE users SET limits_json=? WHERE user_id=?", (limits_json, user_id))
+        user.overrides = overrides
+        return user
+
+    def keys_of(self, user_id: str) -> list[KeyRow]:
+        return [k for k in self.keys.values() if k.user_id == user_id]
+
+
+def _key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,208 @@
+"""The one settings table: every config.yaml key with its type, default and help.
+
+config.yaml is nested YAML; each leaf is addressed by its dotted name (``upstream.url``). Loading
+rejects any key not in the table and any value of the wrong type, naming the key, so a typo stops
+the start instead of silently running with a default. A few environment variables override keys
+(see ``ENV_OVERRIDES``). Keys typed ``dict`` (limits, pricing, models) hold structures that their
+own modules validate (``limits.parse_limits``, ``pricing.PriceTable``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    type: type | tuple[type, ...]
+    default: Any
+    help: str
+    optional: bool = False  # may be null
+
+
+MIB = 1024 * 1024
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- listening -------------------------------------------------------------------------
+    Setting("server.address", str, "127.0.0.1", "Address to listen on; 0.0.0.0 to serve other machines."),
+    Setting("server.port", int, 8000, "Port for the OpenAI-compatible API (env PROXYD_PORT)."),
+    Setting("server.max_body_bytes", int, 20 * MIB, "Largest request body accepted (413 above); images are big."),
+    Setting("server.body_timeout_s", float, 60.0, "Time a client may take to send its request body."),
+    Setting("server.idle_connection_timeout_s", float, 120.0, "Close client connections idle this long."),
+    Setting("server.max_connections_per_key", int, 256, "Concurrent requests one API key may hold open."),
+    Setting("server.shutdown_grace_s", float, 30.0, "On SIGTERM, how long in-flight requests may finish."),
+    Setting("server.cors_origins", list, [], "Origins allowed by CORS; empty = CORS off."),
+    # -- upstream (Ollama) -------------------------------------------------------------------
+    Setting("upstream.url", str, "http://127.0.0.1:11434", "Ollama's base URL (env PROXYD_UPSTREAM)."),
+    Setting("upstream.connect_timeout_s", float, 5.0, "Timeout to open a connection to Ollama."),
+    Setting(
+        "upstream.first_byte_timeout_s",
+        float,
+        300.0,
+        "Wait for Ollama's first byte; a cold model load can take minutes (OLLAMA_LOAD_TIMEOUT is 5m).",
+    ),
+    Setting("upstream.idle_timeout_s", float, 60.0, "Longest gap allowed between two stream chunks."),
+    Setting("upstream.pool_size", int, 512, "Keep-alive connections kept open to Ollama."),
+    Setting("upstream.max_response_bytes", int, 64 * MIB, "Largest non-stream answer accepted from Ollama."),
+    # -- storage -----------------------------------------------------------------------------
+    Setting("database.path", str, "./proxyd.db", "SQLite ledger file (env PROXYD_DB)."),
+    Setting(
+        "database.synchronous",
+        str,
+        "NORMAL",
+        "SQLite synchronous mode: NORMAL survives kill -9 (may lose the last commits on power loss); "
+        "FULL also survives power loss at a few ms per group commit.",
+    ),
+    Setting("database.batch_max", int, 512, "Most ledger writes grouped into one commit."),
+    # -- admin ---------------------------------------------------------------------------------
+    Setting("admin.token", str, None, "Bearer token of the admin API (env PROXYD_ADMIN_TOKEN).", optional=True),
+    Setting("admin.address", str, None, "Serve the admin API on its own address (with admin.port).", optional=True),
+    Setting("admin.port", int, None, "Serve the admin API on its own port instead of the main one.", optional=True),
+    # -- metering --------------------------------------------------------------------------------
+    Setting("limits", dict, {}, "limits.default, limits.models.<model>, limits.users.<user_id> (see README)."),
+    Setting("pricing", dict, {}, "Per model: input_per_million_usd, output_per_million_usd."),
+    Setting(
+        "models",
+        dict,
+        {
+            "llama3.2": {"tokenizer": "llama3", "template": "llama3", "context_window": 131072},
+            "moondream": {"tokenizer": "llama3", "template": "moondream", "image_tokens": 729, "context_window": 2048},
+        },
+        "Per model (or model family before ':'): tokenizer, template, image_tokens, context_window, "
+        "default_max_tokens.",
+    ),
+    Setting(
+        "model_defaults",
+        dict,
+        {"tokenizer": "llama3", "template": "generic", "image_tokens": 768, "context_window": 8192},
+        "Token-counting settings for models not listed under models.",
+    ),
+    Setting(
+        "estimate.default_max_tokens",
+        int,
+        4096,
+        "Completion budget reserved when a request sets no max_tokens (capped by the context left).",
+    ),
+    Setting(
+        "estimate.min_completion_tokens",
+        int,
+        16,
+        "When the default budget does not fit a user's remaining allowance it is shrunk, but not below this.",
+    ),
+    # -- images ---------------------------------------------------------------------------------
+    Setting(
+        "images.allow_private_networks",
+        bool,
+        False,
+        "Fetch image URLs on private/loopback addresses. For local testing only: it opens an SSRF hole.",
+    ),
+    Setting("images.max_bytes", int, 10 * MIB, "Largest image fetched or decoded."),
+    Setting("images.timeout_s", float, 10.0, "Total time to fetch one image URL."),
+    Setting("images.connect_timeout_s", float, 3.0, "Connect timeout when fetching an image URL."),
+    Setting("images.max_redirects", int, 3, "Redirects followed (each target checked again)."),
+    Setting("images.max_dimension", int, 1024, "Downscale larger images before forwarding; 0 = never."),
+    Setting("images.max_images", int, 8, "Images allowed in one request."),
+    # -- observability ------------------------------------------------------------------------------
+    Setting("metrics.enabled", bool, True, "Serve Prometheus metrics at /metrics."),
+    Setting("metrics.per_user_labels", bool, False, "Label token metrics by user (cardinality!)."),
+    Setting("logging.level", str, "INFO", "Log level."),
+    Setting("logging.access_log", bool, True, "One JSON line per request on the proxyd.access logger."),
+)
+
+BY_KEY = {s.key: s for s in SETTINGS}
+
+# Environment variable -> (key, parser)
+ENV_OVERRIDES = {
+    "PROXYD_PORT": ("server.port", int),
+    "PROXYD_UPSTREAM": ("upstream.url", str),
+    "PROXYD_DB": ("database.path", str),
+    "PROXYD_ADMIN_TOKEN": ("admin.token", str),
+}
+
+
+class Config(dict):
+    """Flat mapping of dotted key -> value, complete (every key present)."""
+
+    def section(self, prefix: str) -> dict[str, Any]:
+        """``section("images")`` -> {"max_bytes": ..., ...} without the prefix."""
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self.items() if k.startswith(p)}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: {prefix or 'top level'} must be a mapping")
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if key in BY_KEY:
+            flat[key] = value
+        elif isinstance(value, dict) and any(k.startswith(key + ".") for k in BY_KEY):
+            flat.update(_flatten(value, key + "."))
+        else:
+            raise ConfigError(f"config: unknown key '{key}'")
+    return flat
+
+
+def _check_type(setting: Setting, value: Any) -> Any:
+    if value is None:
+        if setting.optional:
+            return None
+        raise ConfigError(f"config: '{setting.key}' must not be null")
+    expected = setting.type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"config: '{setting.key}' must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        name = expected.__name__ if isinstance(expected, type) else expected
+        raise ConfigError(f"config: '{setting.key}' must be of type {name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, env: dict | None = None) -> Config:
+    """Defaults <- YAML file <- environment <- explicit overrides (tests, command line)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
+    path = path or env.get("PROXYD_CONFIG")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                tree = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
+        for key, value in _flatten(tree).items():
+            values[key] = _check_type(BY_KEY[key], value)
+    for var, (key, parse) in ENV_OVERRIDES.items():
+        if env.get(var):
+            try:
+                values[key] = parse(env[var])
+            except ValueError as exc:
+                raise ConfigError(f"config: environment {var}={env[var]!r} is not a valid {key}") from exc
+    for key, value in (overrides or {}).items():
+        if key not in BY_KEY:
+            raise ConfigError(f"config: unknown key '{key}'")
+        values[key] = _check_type(BY_KEY[key], value)
+    if values["database.synchronous"].upper() not in ("NORMAL", "FULL"):
+        raise ConfigError("config: 'database.synchronous' must be NORMAL or FULL")
+    return Config(values)
+
+
+def describe() -> str:
+    """The table as text (``python app.py --print-settings``)."""
+    rows = []
+    for s in SETTINGS:
+        t = s.type.__name__ if isinstance(s.type, type) else str(s.type)
+        rows.append(f"{s.key} ({t}, default {s.default!r})\n    {s.help}")
+    return "\n".join(rows)

@@ -1,0 +1,173 @@
+"""BaseHandler: the one place where errors become responses, plus body reading and auth.
+
+Handlers raise typed errors (``proxyd.errors``); ``write_error`` turns any of them, Tornado's own
+HTTPErrors and unexpected exceptions into OpenAI's envelope with the right status and headers.
+Every response carries the proxy's own ``x-request-id`` (Ollama's ids repeat).
+
+All handlers read their body in streaming mode so that size is checked by proxyd itself: a declared
+Content-Length over the limit is refused with 413 before a byte of the body is read, and a chunked
+body is cut off at the limit.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from typing import Any
+
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+from ..errors import (
+    AuthError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ProxyError,
+    ServiceUnavailable,
+)
+
+log = logging.getLogger("proxyd.http")
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent to it."""
+
+
+@tornado.web.stream_request_body
+class BaseHandler(tornado.web.RequestHandler):
+    def initialize(self, ctx) -> None:  # ctx: proxyd.server.Context, given by the route table
+        self.ctx = ctx
+        self.caller = None
+        self._body_parts: list[bytes] = []
+        self._body_size = 0
+        self._too_large = False
+        self.log_fields: dict[str, Any] = {}
+
+    def set_default_headers(self) -> None:
+        # Runs from __init__ (before initialize) and again whenever send_error clears the response.
+        if not hasattr(self, "request_id"):
+            self.request_id = "req_" + os.urandom(12).hex()
+        self.set_header("Content-Type", "application/json")
+        self.set_header("x-request-id", self.request_id)
+        self.clear_header("Server")
+
+    # -- body --------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.ctx.in_flight += 1
+        self._counted = True
+        if self.ctx.shutting_down:
+            self.set_header("Connection", "close")
+            raise ServiceUnavailable("proxyd is shutting down; retry on another instance or in a moment.")
+        limit = self.ctx.config["server.max_body_bytes"]
+        declared = self.request.headers.get("Content-Length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit} bytes.")
+            except ValueError:
+                raise InvalidRequest("Invalid Content-Length header.") from None
+        self.request.connection.set_max_body_size(limit * 2)  # past 2x Tornado drops the connection
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body_size += len(chunk)
+        if self._body_size > self.ctx.config["server.max_body_bytes"]:
+            self._too_large = True
+            self._body_parts.clear()
+        elif not self._too_large:
+            self._body_parts.append(chunk)
+
+    def json_body(self) -> dict[str, Any]:
+        if self._too_large:
+            limit = self.ctx.config["server.max_body_bytes"]
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        raw = b"".join(self._body_parts)
+        if not raw.strip():
+            raise InvalidRequest("Request body is empty; expected a JSON object.")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("Request body must be a JSON object.")
+        return body
+
+    # -- auth ----------------------------------------------------------------------------------------
+
+    def authenticate_user(self) -> None:
+        self.caller = self.ctx.accounts.authenticate(self.request.headers.get("Authorization"))
+        self.log_fields["user_id"] = self.caller.user.user_id
+        self.log_fields["key_id"] = self.caller.key_id
+
+    def authenticate_admin(self) -> None:
+        token = self.ctx.config["admin.token"]
+        header = self.request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not token:
+            raise AuthError("The admin API is disabled: set PROXYD_ADMIN_TOKEN or admin.token.")
+        if scheme.lower() != "bearer" or not given:
+            raise AuthError("Admin API: send 'Authorization: Bearer <admin token>'.")
+        # Constant-time comparison: the time taken must not reveal how much of the token matched.
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise AuthError("Admin API: invalid admin token.")
+
+    # -- responses ----------------------------------------------------------------------------------------
+
+    def send_json(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(obj, separators=(",", ":")))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ProxyError):
+            err = exc
+        elif isinstance(exc, tornado.web.HTTPError):
+            err = _from_http_error(exc.status_code, exc.log_message or exc.reason or self._reason)
+        else:
+            err = _from_http_error(status_code, self._reason)
+            if status_code >= 500:
+                err.message = f"Internal error in proxyd (request {self.request_id})."
+        self.set_status(err.status)
+        for name, value in err.headers.items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.log_fields["error"] = err.message
+        self.finish(json.dumps(err.body(), separators=(",", ":")))
+
+    def log_exception(self, typ, value, tb) -> None:
+        # Typed errors are answers, not failures: log them as one line, without a traceback.
+        if isinstance(value, ProxyError):
+            log.debug("%s %s -> %d %s", self.request.method, self.request.path, value.status, value.message)
+        elif isinstance(value, (StreamClosedError, ClientGone)):
+            log.debug("client went away: %s %s", self.request.method, self.request.path)
+        else:
+            super().log_exception(typ, value, tb)
+
+    def on_finish(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.ctx.in_flight -= 1
+        self.ctx.access_log(self)
+
+
+def _from_http_error(status: int, message: str | None) -> ProxyError:
+    if status == 404:
+        return NotFound(message or "Not found.", code="not_found")
+    if status == 405:
+        return ProxyError(message or "Method not allowed.", status=405, type="invalid_request_error", code="method_not_allowed")
+    if status == 403:
+        return PermissionDenied(message or "Forbidden.")
+    if 400 <= status < 500:
+        return InvalidRequest(message or "Bad request.", status=status)
+    return ProxyError(message or "Internal error.", status=status)
+
+
+class NotFoundHandler(BaseHandler):
+    """Unknown paths: OpenAI-shaped 404 instead of Tornado's HTML page."""
+
+    def prepare(self) -> None:
+        raise NotFound(f"Unknown path {self.request.method} {self.request.path}.", code="unknown_url")

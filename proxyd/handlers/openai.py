@@ -1,0 +1,393 @@
+"""The OpenAI-compatible routes: chat completions, completions, embeddings, models.
+
+One request's path, top to bottom (``ProxyHandler.proxy``):
+
+    auth (prepare) -> validate -> inline images -> estimate -> reserve (meter.admit)
+      -> forward (upstream.request) -> relay (once, or event by event)
+      -> settle (awaited: durable before the last byte) -> last byte
+    and in ``finally``: a reservation not settled by then is settled with what the client got
+    (client gone mid-stream, upstream cut after output) or voided (nothing delivered).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from tornado.iostream import StreamClosedError
+
+from .. import validate
+from ..errors import ProxyError, UpstreamError, UpstreamUnavailable, openai_type_for_status
+from ..meter import Ticket, Usage
+from ..sse import DONE, SSEParser, event
+from .base import BaseHandler, ClientGone
+
+log = logging.getLogger("proxyd.proxy")
+
+
+class Outcome:
+    """What happened on the wire, for settling: reported usage, text relayed, whether anything was."""
+
+    __slots__ = ("usage", "texts", "delivered", "finish_reason")
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] | None = None
+        self.texts: list[str] = []
+        self.delivered = False
+        self.finish_reason: str | None = None
+
+
+class ProxyHandler(BaseHandler):
+    endpoint = ""  # ledger name, e.g. "chat.completions"
+    upstream_path = ""
+    id_prefix = ""
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.authenticate_user()
+        self._upstream_resp = None
+        self._client_gone = False
+
+    def on_connection_close(self) -> None:
+        # The client went away while we wait on Ollama: drop the upstream connection so Ollama stops
+        # generating; the relay sees the abort and settles what was delivered.
+        self._client_gone = True
+        if self._upstream_resp is not None:
+            self._upstream_resp.abort()
+
+    # -- the path ------------------------------------------------------------------------------------
+
+    async def proxy(self, body: dict[str, Any], *, model: str, stream: bool, include_usage: bool, prompt_tokens: int) -> None:
+        meter = self.ctx.meter
+        requested = validate.max_tokens(body)
+        budget, is_default = self.completion_budget(model, prompt_tokens, requested)
+        ticket = meter.admit(
+            caller=self.caller,
+            model=model,
+            endpoint=self.endpoint,
+            stream=stream,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=budget,
+            completion_is_default=is_default,
+            request_id=self.request_id,
+        )
+        self.log_fields.update(model=model, stream=stream)
+        for name, value in ticket.headers.items():
+            self.set_header(name, value)
+        self.forward_body(body, ticket, requested, stream)
+        outcome = Outcome()
+        error: BaseException | None = None
+        try:
+            if stream:
+                await self.relay_stream(ticket, body, outcome, include_usage)
+            else:
+                await self.relay_once(ticket, body, outcome)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if not ticket.ended:
+                await self.end_unsettled(ticket, outcome, error)
+
+    def completion_budget(self, model: str, prompt_tokens: int, requested: int | None) -> tuple[int, bool]:
+        """The completion tokens to reserve, and whether that is proxyd's default (may be shrunk)."""
+        if requested is not None:
+            return requested, False
+        spec = self.ctx.model_spec(model)
+        room = spec["context_window"] - prompt_tokens
+        default = spec.get("default_max_tokens") or self.ctx.config["estimate.default_max_tokens"]
+        return max(1, min(default, room)), True
+
+    def forward_body(self, body: dict[str, Any], ticket: Ticket, requested: int | None, stream: bool) -> None:
+        """What Ollama gets: max_tokens = the reserved budget, so the reservation stays an upper bound
+        (Ollama ignores max_completion_tokens, and without a cap it may generate past any budget)."""
+        body.pop("max_completion_tokens", None)
+        body["max_tokens"] = ticket.completion_tokens
+        if stream:
+            # Always ask for the usage chunk; it is dropped again if the client did not ask for it.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+
+    async def open_upstream(self, body: dict[str, Any]):
+        resp = await self.ctx.upstream.request("POST", self.upstream_path, body)
+        self._upstream_resp = resp
+        if self._client_gone:
+            resp.abort()
+            raise ClientGone()
+        if resp.status != 200:
+            raise upstream_error(resp.status, await resp.read())
+        return resp
+
+    # -- non-stream ------------------------------------------------------------------------------------
+
+    async def relay_once(self, ticket: Ticket, body: dict[str, Any], outcome: Outcome) -> None:
+        resp = await self.open_upstream(body)
+        try:
+            raw = await resp.read()
+        except ProxyError:
+            if self._client_gone:
+                raise ClientGone() from None
+            raise
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
+        outcome.usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else None
+        self.collect_text(doc, outcome)
+        doc["id"] = self.id_prefix + self.request_id[4:]
+        await self.ctx.meter.settle(ticket, await self.usage_of(ticket, outcome))
+        self.send_json(doc)
+
+    # -- stream -------------------------------------------------------------------------------------------
+
+    async def relay_stream(self, ticket: Ticket, body: dict[str, Any], outcome: Outcome, include_usage: bool) -> None:
+        resp = await self.open_upstream(body)
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")  # tell nginx-style fronts not to buffer the stream
+        parser = SSEParser()
+        our_id = (self.id_prefix + self.request_id[4:]).encode()
+        done = False
+        try:
+            async for chunk in resp.chunks():
+                out = []
+                for data in parser.feed(chunk):
+                    if data == DONE:
+                        done = True
+                        break
+                    relayed = self.relay_event(data, outcome, include_usage, our_id)
+                    if relayed is not None:
+                        out.append(event(relayed))
+                if out:
+                    await self.send(b"".join(out))
+                    outcome.delivered = True
+                if done:
+                    break
+        except ProxyError:
+            if self._client_gone:
+                raise ClientGone() from None
+            raise
+        if done:
+            resp.release()
+        else:
+            resp.abort()
+            raise UpstreamUnavailable("Upstream stream ended without [DONE] (connection cut or upstream error).")
+        await self.ctx.meter.settle(ticket, await self.usage_of(ticket, outcome))
+        await self.send(event(DONE))
+        self.finish()
+
+    def relay_event(self, data: bytes, outcome: Outcome, include_usage: bool, our_id: bytes) -> bytes | None:
+        """One upstream event -> what the client gets (None: dropped). Collects usage and text."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise UpstreamUnavailable("Upstream sent an event that is not valid JSON.") from None
+        if not isinstance(doc, dict):
+            raise UpstreamUnavailable("Upstream sent an event that is not a JSON object.")
+        if "error" in doc:
+            err = doc["error"]
+            message = err.get("message") if isinstance(err, dict) else str(err)
+            raise UpstreamError(f"Upstream error mid-stream: {message}", status=502)
+        self.collect_text(doc, outcome)
+        usage = doc.get("usage")
+        if isinstance(usage, dict) and usage.get("total_tokens"):
+            outcome.usage = usage
+            if not doc.get("choices") and not include_usage:
+                return None  # the usage-only chunk proxyd asked for on its own behalf
+        if "usage" in doc and not include_usage:
+            # /v1/completions puts a zeroed usage object on every chunk once include_usage is on:
+            # the client did not ask for it, so it must not see it.
+            del doc["usage"]
+            doc["id"] = our_id.decode()
+            return json.dumps(doc, separators=(",", ":")).encode()
+        upstream_id = doc.get("id")
+        if isinstance(upstream_id, str):
+            return data.replace(b'"id":"' + upstream_id.encode() + b'"', b'"id":"' + our_id + b'"', 1)
+        return data
+
+    async def send(self, data: bytes) -> None:
+        """Writes and waits for the client to take it (backpressure); raises ClientGone."""
+        if self._client_gone:
+            raise ClientGone()
+        self.write(data)
+        try:
+            await self.flush()
+        except StreamClosedError:
+            self._client_gone = True
+            raise ClientGone() from None
+
+    # -- settling -----------------------------------------------------------------------------------------
+
+    def collect_text(self, doc: dict[str, Any], outcome: Outcome) -> None:
+        """Text of the answer (for counting when the upstream reports no usage)."""
+        for choice in doc.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("finish_reason"):
+                outcome.finish_reason = choice["finish_reason"]
+            part = choice.get("delta") or choice.get("message")
+            if isinstance(part, dict):
+                for key in ("content", "reasoning", "reasoning_content"):
+                    if isinstance(part.get(key), str) and part[key]:
+                        outcome.texts.append(part[key])
+                for call in part.get("tool_calls") or ():
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict):
+                        outcome.texts.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
+            elif isinstance(choice.get("text"), str) and choice["text"]:
+                outcome.texts.append(choice["text"])
+
+    async def usage_of(self, ticket: Ticket, outcome: Outcome) -> Usage:
+        """Ollama's reported usage when there is any, else counted from what was relayed."""
+        u = outcome.usage
+        if u is not None and isinstance(u.get("prompt_tokens"), int) and isinstance(u.get("completion_tokens", 0), int):
+            return Usage(u["prompt_tokens"], u.get("completion_tokens", 0), "reported")
+        counts = await self.ctx.tokens.count_many(ticket.model, outcome.texts) if outcome.texts else []
+        return Usage(ticket.prompt_tokens, sum(counts), "counted")
+
+    async def end_unsettled(self, ticket: Ticket, outcome: Outcome, error: BaseException | None) -> None:
+        """The one exit for a reservation the relay did not settle."""
+        meter = self.ctx.meter
+        if outcome.delivered or (self._client_gone and self._upstream_resp is not None):
+            # The client got part of an answer, or left after Ollama took the request: bill the prompt
+            # plus what was relayed (reported usage if it came, else counted with the tokenizer).
+            try:
+                await meter.settle(ticket, await self.usage_of(ticket, outcome), http_status=499 if self._client_gone else 502)
+            except Exception:
+                log.exception("settle after an interrupted request failed (%s)", ticket.request_id)
+        else:
+            status = error.status if isinstance(error, ProxyError) else 499 if self._client_gone else 500
+            meter.void(ticket, http_status=status, error=str(error or "not completed"))
+
+    # -- errors after the headers went out ----------------------------------------------------------------
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ClientGone):
+            return
+        if self._headers_written:
+            # Mid-stream: the status line is gone. End the stream with an error event (the openai SDK
+            # raises APIError on it) and no [DONE], so no client mistakes it for a complete answer.
+            err = exc if isinstance(exc, ProxyError) else ProxyError(f"Internal error in proxyd (request {self.request_id}).")
+            self.log_fields["error"] = err.message
+            try:
+                self.write(event(json.dumps(err.body()).encode()))
+                self.finish()
+            except StreamClosedError:
+                pass
+            return
+        super().write_error(status_code, **kwargs)
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ClientGone):
+            self.log_fields["client_gone"] = True
+            if not self._finished:
+                self.finish()  # nothing reaches the client any more; just end the request
+            return
+        if self._headers_written:
+            self.write_error(status_code, **kwargs)  # mid-stream: error event, see write_error
+            return
+        super().send_error(status_code, **kwargs)
+
+
+def upstream_error(status: int, raw: bytes) -> ProxyError:
+    """Ollama's error passes through with its status; a non-JSON body is described."""
+    try:
+        doc = json.loads(raw)
+        err = doc["error"]
+        if isinstance(err, dict):
+            message = str(err.get("message") or f"Upstream returned HTTP {status}.")
+            return UpstreamError(message, status=status, type=err.get("type") or openai_type_for_status(status), code=err.get("code"), param=err.get("param"))
+        message = str(err)
+    except (ValueError, KeyError, TypeError):
+        text = raw.decode("utf-8", "replace").strip()[:300]
+        message = f"Upstream returned HTTP {status}" + (f": {text}" if text else " with an empty body.")
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return UpstreamError(message, status=status, type=openai_type_for_status(status), headers=headers)
+
+
+# -- routes ---------------------------------------------------------------------------------------------
+
+
+class ChatCompletionsHandler(ProxyHandler):
+    endpoint = "chat.completions"
+    upstream_path = "/v1/chat/completions"
+    id_prefix = "chatcmpl-"
+
+    async def post(self) -> None:
+        body = self.json_body()
+        model, stream, include_usage = validate.chat(body)
+        images = await self.ctx.images.inline(body["messages"])
+        prompt = await self.ctx.tokens.chat_prompt(model, body["messages"])
+        self.log_fields["images"] = images
+        await self.proxy(body, model=model, stream=stream, include_usage=include_usage, prompt_tokens=prompt)
+
+
+class CompletionsHandler(ProxyHandler):
+    endpoint = "completions"
+    upstream_path = "/v1/completions"
+    id_prefix = "cmpl-"
+
+    async def post(self) -> None:
+        body = self.json_body()
+        model, stream, include_usage = validate.completions(body)
+        prompt = await self.ctx.tokens.text_prompt(model, body["prompt"])
+        await self.proxy(body, model=model, stream=stream, include_usage=include_usage, prompt_tokens=prompt)
+
+
+class EmbeddingsHandler(ProxyHandler):
+    endpoint = "embeddings"
+    upstream_path = "/v1/embeddings"
+
+    async def post(self) -> None:
+        body = self.json_body()
+        model, inputs = validate.embeddings(body)
+        prompt = await self.ctx.tokens.embedding_input(model, inputs)
+        await self.proxy(body, model=model, stream=False, include_usage=False, prompt_tokens=prompt)
+
+    def completion_budget(self, model: str, prompt_tokens: int, requested: int | None) -> tuple[int, bool]:
+        return 0, False
+
+    def forward_body(self, body: dict[str, Any], ticket: Ticket, requested: int | None, stream: bool) -> None:
+        pass  # embeddings have no completion
+
+    def collect_text(self, doc: dict[str, Any], outcome: Outcome) -> None:
+        pass
+
+    async def relay_once(self, ticket: Ticket, body: dict[str, Any], outcome: Outcome) -> None:
+        resp = await self.open_upstream(body)
+        raw = await resp.read()
+        try:
+            doc = json.loads(raw)
+            usage = doc.get("usage") or {}
+        except (ValueError, AttributeError):
+            raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
+        if isinstance(usage.get("prompt_tokens"), int):
+            outcome.usage = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": 0}
+        await self.ctx.meter.settle(ticket, await self.usage_of(ticket, outcome))
+        self.send_json(doc)
+
+
+class ModelsHandler(BaseHandler):
+    """GET /v1/models and /v1/models/{model}: passed through, not metered."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.authenticate_user()
+
+    async def get(self, model: str | None = None) -> None:
+        path = "/v1/models" + (f"/{model}" if model else "")
+        resp = await self.ctx.upstream.request("GET", path)
+        raw = await resp.read()
+        if resp.status != 200:
+            raise upstream_error(resp.status, raw)
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
+        if model is None and isinstance(doc, dict) and doc.get("data") is None:
+            doc["data"] = []  # Ollama sends null when no model is installed; the SDK expects a list
+        self.send_json(doc)

@@ -1,0 +1,77 @@
+"""A user's own view (their API key): usage, limits, invoices. A user never sees another's data:
+every query is bound to the authenticated caller's user id, never to a parameter."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from .. import reports
+from ..errors import InvalidRequest
+from ..limits import to_api
+from .base import BaseHandler
+
+DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+async def usage_query(handler: BaseHandler, *, user_id: str | None, default_group: str = "model") -> dict[str, Any]:
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    start = handler.get_query_argument("start", today[:8] + "01")
+    end = handler.get_query_argument("end", today)
+    for name, value in (("start", start), ("end", end)):
+        if not DAY.match(value):
+            raise InvalidRequest(f"'{name}' must be a date YYYY-MM-DD", param=name)
+    if start > end:
+        raise InvalidRequest("'start' must not be after 'end'", param="start")
+    group_by = handler.get_query_argument("group_by", default_group)
+    allowed = ("model", "day") if user_id is not None else ("model", "day", "user")
+    if group_by not in allowed:
+        raise InvalidRequest(f"'group_by' must be one of {', '.join(allowed)}", param="group_by")
+    model = handler.get_query_argument("model", None)
+    result = await handler.ctx.store.read(
+        lambda c: reports.usage(c, user_id=user_id, start=start, end=end, group_by=group_by, model=model)
+    )
+    if user_id is not None:
+        result["user_id"] = user_id
+    return result
+
+
+def invoice_period(handler: BaseHandler) -> str:
+    period = handler.get_query_argument("period", None)
+    if period is None:
+        # Billing is in arrears: by default the last closed month.
+        g = time.gmtime()
+        period = f"{g.tm_year - 1}-12" if g.tm_mon == 1 else f"{g.tm_year}-{g.tm_mon - 1:02d}"
+    if not MONTH.match(period):
+        raise InvalidRequest("'period' must be a month YYYY-MM", param="period")
+    return period
+
+
+class UserAPIHandler(BaseHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        self.authenticate_user()
+
+
+class UsageHandler(UserAPIHandler):
+    async def get(self) -> None:
+        self.send_json(await usage_query(self, user_id=self.caller.user.user_id))
+
+
+class LimitsHandler(UserAPIHandler):
+    async def get(self) -> None:
+        user = self.caller.user
+        self.send_json(
+            {"object": "limits", "user_id": user.user_id, "limits": self.ctx.meter.limit_status(user),
+             "effective": to_api(self.ctx.meter.effective(user))}
+        )
+
+
+class InvoiceHandler(UserAPIHandler):
+    async def get(self) -> None:
+        period = invoice_period(self)
+        user_id = self.caller.user.user_id
+        (invoice,) = await self.ctx.store.read(lambda c: reports.invoices(c, period=period, user_id=user_id))
+        self.send_json(invoice)

@@ -1,0 +1,467 @@
+"""Limits: their names, how configured and overridden limits merge, and the in-memory admission state.
+
+Every limit is checked against ``used + reserved + this request`` at admission, synchronously on the
+event loop (no await between check and increment), so two concurrent requests can never both pass a
+check that only one fits: the event loop is the lock. A reservation is a ``Hold`` (pending) that ends
+exactly once, posted with the actual usage (``settle``) or released (``void``), like TigerBeetle's
+two-phase transfers.
+
+Windows:
+- per minute: a sliding log (each admitted request is an entry with its timestamp and tokens), exact:
+  no boundary burst as with fixed windows; an entry's tokens are corrected to the actual at settle;
+- per day / month: UTC calendar periods; a request is billed to the period in which it was admitted;
+- total: never resets;
+- concurrency: requests in flight.
+
+Money is integer nano-USD (1e-9 USD). Amounts are ``[requests, tokens, cost_nusd]`` lists.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable
+
+from .errors import InvalidRequest, QuotaExceeded, RateLimited
+
+NANO = 10**9
+
+# name -> (metric index into an amount [requests, tokens, cost], window)
+LIMIT_FIELDS: dict[str, tuple[int, str]] = {
+    "requests_per_minute": (0, "minute"),
+    "tokens_per_minute": (1, "minute"),
+    "requests_per_day": (0, "day"),
+    "tokens_per_day": (1, "day"),
+    "tokens_per_month": (1, "month"),
+    "cost_per_day_usd": (2, "day"),
+    "cost_per_month_usd": (2, "month"),
+    "total_tokens": (1, "total"),
+    "total_cost_usd": (2, "total"),
+    "max_concurrent_requests": (0, "concurrent"),
+}
+SHORT_TERM = {"minute", "concurrent"}
+METRIC_NAMES = ("requests", "tokens", "cost")
+
+Limits = dict[str, Any]  # field -> int (nano-USD for cost) | None (unlimited); "models" -> {model: Limits}
+
+
+# -- parsing and merging ---------------------------------------------------------------------------
+
+
+def parse_limits(raw: Any, where: str, *, allow_models: bool = True) -> Limits:
+    """Validates a limits mapping from config or the admin API; USD amounts become nano-USD ints.
+
+    Absent fields inherit; ``null`` means unlimited (kept as None so it overrides an inherited value).
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"{where} must be an object", param=where)
+    out: Limits = {}
+    for name, value in raw.items():
+        if name == "models" and allow_models:
+            if not isinstance(value, dict):
+                raise InvalidRequest(f"{where}.models must be an object of model -> limits", param=f"{where}.models")
+            out["models"] = {
+                str(m): parse_limits(v, f"{where}.models.{m}", allow_models=False) for m, v in value.items()
+            }
+            continue
+        if name not in LIMIT_FIELDS:
+            known = ", ".join(sorted(LIMIT_FIELDS))
+            raise InvalidRequest(f"{where}: unknown limit '{name}' (known: {known})", param=f"{where}.{name}")
+        out[name] = _parse_amount(name, value, f"{where}.{name}")
+    return out
+
+
+def _parse_amount(name: str, value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(f"{where} must be a number or null", param=where)
+    if name.endswith("_usd"):
+        try:
+            usd = Decimal(str(value))
+        except InvalidOperation:
+            raise InvalidRequest(f"{where} must be a number or null", param=where) from None
+        if not usd.is_finite() or usd < 0:
+            raise InvalidRequest(f"{where} must be >= 0", param=where)
+        return int(usd * NANO)
+    if isinstance(value, str) or (isinstance(value, float) and not value.is_integer()):
+        raise InvalidRequest(f"{where} must be a whole number or null", param=where)
+    if value < 0:
+        raise InvalidRequest(f"{where} must be >= 0", param=where)
+    return int(value)
+
+
+def merge(*layers: Limits) -> Limits:
+    """Later layers win field by field; ``models`` merge per model."""
+    out: Limits = {}
+    for layer in layers:
+        for name, value in layer.items():
+            if name == "models":
+                models = out.setdefault("models", {})
+                for model, lim in value.items():
+                    models[model] = {**models.get(model, {}), **lim}
+            else:
+                out[name] = value
+    return out
+
+
+def to_api(limits: Limits) -> dict[str, Any]:
+    """Limits as shown in the API: USD as decimal strings."""
+    out: dict[str, Any] = {}
+    for name, value in limits.items():
+        if name == "models":
+            out["models"] = {m: to_api(v) for m, v in value.items()}
+        elif name.endswith("_usd") and value is not None:
+            out[name] = usd_str(value)
+        else:
+            out[name] = value
+    return out
+
+
+def usd_str(nusd: int) -> str:
+    return str((Decimal(nusd) / NANO).quantize(Decimal("0.000000001")))
+
+
+# -- periods ---------------------------------------------------------------------------------------
+
+
+def day_key(t: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def month_key(t: float) -> str:
+    return time.strftime("%Y-%m", time.gmtime(t))
+
+
+def period_end(window: str, t: float) -> float | None:
+    """When the calendar period containing t ends (UTC), or None for total."""
+    g = time.gmtime(t)
+    if window == "day":
+        return calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0)) + 86400
+    if window == "month":
+        year, month = (g.tm_year + 1, 1) if g.tm_mon == 12 else (g.tm_year, g.tm_mon + 1)
+        return calendar.timegm((year, month, 1, 0, 0, 0))
+    return None
+
+
+def go_duration(seconds: float) -> str:
+    """OpenAI's reset format: Go-style durations such as 6m0s, 1.5s, 23h47m36s."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    if m:
+        return f"{m}m{sec}s"
+    frac = seconds - s
+    return f"{s}s" if frac < 0.001 else f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+# -- admission state -------------------------------------------------------------------------------
+
+
+class SlidingMinute:
+    """Per-minute sliding log. Entries are [t, requests, tokens]; sums kept incrementally."""
+
+    __slots__ = ("entries", "requests", "tokens")
+    SPAN = 60.0
+
+    def __init__(self) -> None:
+        self.entries: deque[list] = deque()
+        self.requests = 0
+        self.tokens = 0
+
+    def expire(self, now: float) -> None:
+        entries = self.entries
+        horizon = now - self.SPAN
+        while entries and entries[0][0] <= horizon:
+            entry = entries.popleft()
+            self.requests -= entry[1]
+            self.tokens -= entry[2]
+            entry[1] = -1  # marks it gone, so a late settle does not correct a window it left
+
+    def add(self, now: float, tokens: int) -> list:
+        entry = [now, 1, tokens]
+        self.entries.append(entry)
+        self.requests += 1
+        self.tokens += tokens
+        return entry
+
+    def adjust(self, entry: list, requests: int, tokens: int) -> None:
+        """Corrects a still-live entry (settle: actual tokens; void: nothing)."""
+        if entry[1] < 0:  # already expired out of the window: nothing left to correct
+            return
+        self.requests += requests - entry[1]
+        self.tokens += tokens - entry[2]
+        entry[1], entry[2] = requests, tokens
+
+    def used(self, metric: int) -> int:
+        return self.requests if metric == 0 else self.tokens
+
+    def reset_in(self, now: float) -> float:
+        return (self.entries[-1][0] + self.SPAN - now) if self.entries else 0.0
+
+    def free_at(self, metric: int, need: int, now: float) -> float:
+        """Earliest time at which ``need`` units of the metric will have left the window."""
+        freed = 0
+        for entry in self.entries:
+            freed += entry[1] if metric == 0 else entry[2]
+            if freed >= need:
+                return entry[0] + self.SPAN
+        return now + self.SPAN
+
+
+@dataclass(slots=True)
+class Bucket:
+    """Used and reserved amounts of one user/scope in one calendar period (or total)."""
+
+    used: list = field(default_factory=lambda: [0, 0, 0])
+    reserved: list = field(default_factory=lambda: [0, 0, 0])
+
+
+@dataclass(slots=True)
+class Hold:
+    """A pending reservation. Ended exactly once by ``Limiter.settle`` or ``Limiter.void``."""
+
+    user_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nusd: int
+    admitted_at: float
+    buckets: list  # Bucket objects reserved against
+    minute_entries: list  # (SlidingMinute, entry)
+    concurrency_keys: list
+    state: str = "pending"
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Check:
+    """One limit that applies to a request, with what is used and reserved against it."""
+
+    scope: str  # "*" (all models) or a model name
+    name: str
+    limit: int
+    used: int
+    reserved: int
+    reset_at: float | None  # when the window frees (None: never)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used - self.reserved)
+
+
+class Limiter:
+    """All in-memory admission state of one proxy process."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.buckets: dict[tuple[str, str, str], Bucket] = {}
+        self.minutes: dict[tuple[str, str], SlidingMinute] = {}
+        self.concurrent: dict[tuple[str, str], int] = {}
+        self.pending = 0  # holds not yet ended: 0 whenever the proxy is idle
+
+    # -- state loading ---------------------------------------------------------------------
+
+    def load_used(self, user_id: str, model: str, period: str, requests: int, tokens: int, cost: int) -> None:
+        """Seeds settled usage (from the ledger at start) for both the model and the all-models scope."""
+        for scope in (model, "*"):
+            b = self._bucket(user_id, scope, period)
+            b.used[0] += requests
+            b.used[1] += tokens
+            b.used[2] += cost
+
+    def _bucket(self, user_id: str, scope: str, period: str) -> Bucket:
+        key = (user_id, scope, period)
+        b = self.buckets.get(key)
+        if b is None:
+            b = self.buckets[key] = Bucket()
+        return b
+
+    def _minute(self, user_id: str, scope: str, now: float) -> SlidingMinute:
+        key = (user_id, scope)
+        w = self.minutes.get(key)
+        if w is None:
+            w = self.minutes[key] = SlidingMinute()
+        w.expire(now)
+        return w
+
+    # -- the checks ----------------------------------------------------------------------------
+
+    def checks(self, user_id: str, scope: str, limits: Limits, now: float) -> list[tuple[Check, int, str]]:
+        """Every configured (non-null) limit of one scope: (Check, metric index, window)."""
+        out = []
+        periods = {"day": "d" + day_key(now), "month": "m" + month_key(now), "total": "total"}
+        for name, value in limits.items():
+            if value is None or name == "models":
+                continue
+            metric, window = LIMIT_FIELDS[name]
+            if window == "minute":
+                w = self._minute(user_id, scope, now)
+                c = Check(scope, name, value, w.used(metric), 0, now + w.reset_in(now))
+            elif window == "concurrent":
+                c = Check(scope, name, value, self.concurrent.get((user_id, scope), 0), 0, None)
+            else:
+                b = self.buckets.get((user_id, scope, periods[window]))
+                used, reserved = (b.used[metric], b.reserved[metric]) if b else (0, 0)
+                c = Check(scope, name, value, used, reserved, period_end(window, now))
+            out.append((c, metric, window))
+        return out
+
+    def reserve(
+        self,
+        *,
+        user_id: str,
+        model: str,
+        user_limits: Limits,
+        model_limits: Limits,
+        prompt_tokens: int,
+        completion_tokens: int,
+        completion_is_default: bool,
+        min_completion_tokens: int,
+        price: tuple[int, int],
+    ) -> Hold:
+        """Admits a request or raises RateLimited / QuotaExceeded. No await inside: atomic on the loop.
+
+        When the completion budget is proxyd's default (the client set no max_tokens) and does not fit a
+        token or cost limit, it is shrunk to what fits (not below ``min_completion_tokens``): the client
+        asked for no particular length, so answering shorter beats refusing. An explicit max_tokens is
+        the client's contract and is refused instead of silently cut.
+        """
+        now = self.clock()
+        all_checks = self.checks(user_id, "*", user_limits, now) + self.checks(user_id, model, model_limits, now)
+        in_price, out_price = price
+
+        # 1. How many completion tokens fit every token and cost limit?
+        fit = completion_tokens
+        binding: tuple[Check, str] | None = None
+        for c, metric, window in all_checks:
+            if metric == 0:
+                continue
+            room = c.limit - c.used - c.reserved
+            if metric == 1:
+                can = room - prompt_tokens
+            else:
+                room_after_prompt = room * 10**6 - prompt_tokens * in_price
+                can = room_after_prompt // out_price if out_price else (completion_tokens if room_after_prompt >= 0 else -1)
+            if can < fit:
+                fit, binding = can, (c, window)
+        if binding is not None:
+            if completion_is_default and fit >= min_completion_tokens:
+                completion_tokens = fit
+            else:
+                c, window = binding
+                need = prompt_tokens + completion_tokens if LIMIT_FIELDS[c.name][0] == 1 else None
+                raise self._refusal(c, window, now, need, user_id)
+
+        # 2. Requests and concurrency.
+        for c, metric, window in all_checks:
+            if metric == 0 and c.used + c.reserved + 1 > c.limit:
+                raise self._refusal(c, window, now, 1, user_id)
+
+        # 3. Reserve against every window of both scopes (also those without a limit, so usage reads stay
+        #    cheap and a limit set later sees what is already in flight).
+        tokens = prompt_tokens + completion_tokens
+        cost = _cost(prompt_tokens, completion_tokens, price)
+        periods = ("d" + day_key(now), "m" + month_key(now), "total")
+        buckets, entries, conc = [], [], []
+        for scope in ("*", model):
+            for period in periods:
+                b = self._bucket(user_id, scope, period)
+                b.reserved[0] += 1
+                b.reserved[1] += tokens
+                b.reserved[2] += cost
+                buckets.append(b)
+            w = self._minute(user_id, scope, now)
+            entries.append((w, w.add(now, tokens)))
+            key = (user_id, scope)
+            self.concurrent[key] = self.concurrent.get(key, 0) + 1
+            conc.append(key)
+        self.pending += 1
+        return Hold(user_id, model, prompt_tokens, completion_tokens, cost, now, buckets, entries, conc)
+
+    def settle(self, hold: Hold, prompt_tokens: int, completion_tokens: int, cost_nusd: int) -> None:
+        """Posts the actual usage in place of the reservation. Exactly once per hold."""
+        self._end(hold, "settled")
+        tokens = prompt_tokens + completion_tokens
+        for b in hold.buckets:
+            b.used[0] += 1
+            b.used[1] += tokens
+            b.used[2] += cost_nusd
+        for w, entry in hold.minute_entries:
+            w.adjust(entry, 1, tokens)
+
+    def void(self, hold: Hold) -> None:
+        """Releases the reservation: nothing is billed."""
+        self._end(hold, "voided")
+        for w, entry in hold.minute_entries:
+            w.adjust(entry, 0, 0)
+
+    def _end(self, hold: Hold, state: str) -> None:
+        if hold.state != "pending":
+            raise RuntimeError(f"hold already {hold.state}")
+        hold.state = state
+        for b in hold.buckets:
+            b.reserved[0] -= 1
+            b.reserved[1] -= hold.tokens
+            b.reserved[2] -= hold.cost_nusd
+        for key in hold.concurrency_keys:
+            self.concurrent[key] -= 1
+        self.pending -= 1
+
+    # -- refusals and headers ------------------------------------------------------------------
+
+    def _refusal(self, c: Check, window: str, now: float, need: int | None, user_id: str):
+        where = "" if c.scope == "*" else f" for model {c.scope}"
+        shown = (lambda v: "$" + usd_str(v)) if c.name.endswith("_usd") else str
+        used = f"used {shown(c.used)}" + (f" + {shown(c.reserved)} reserved" if c.reserved else "")
+        headers: dict[str, str] = {}
+        never_fits = need is not None and need > c.limit
+        if window == "concurrent":
+            retry = 1.0
+        elif window == "minute":
+            w = self.minutes[(user_id, c.scope)]
+            metric = LIMIT_FIELDS[c.name][0]
+            short = (need or 1) - (c.limit - c.used)
+            retry = max(0.001, w.free_at(metric, short, now) - now)
+        else:
+            retry = (c.reset_at - now) if c.reset_at else None
+
+        if never_fits:
+            msg = (
+                f"Request too large for {c.name}{where}: it needs {need} tokens "
+                f"(prompt plus completion budget) but the limit is {c.limit}. Lower max_tokens or shorten the prompt."
+            )
+            return QuotaExceeded(msg, code="request_too_large")
+        if window in SHORT_TERM:
+            headers["Retry-After"] = str(max(1, int(retry + 0.999)))
+            headers["retry-after-ms"] = str(int(retry * 1000))
+            limit_str = f"{c.limit} concurrent requests" if window == "concurrent" else f"limit {shown(c.limit)}"
+            msg = f"Rate limit reached for {c.name}{where}: {used} of {limit_str}. Try again in {retry:.3g}s."
+            return RateLimited(msg, headers=headers)
+        if retry is not None:
+            headers["Retry-After"] = str(int(retry + 0.999))
+            resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + retry))
+            msg = f"Quota exceeded for {c.name}{where}: {used} of limit {shown(c.limit)}. Resets at {resets}."
+        else:
+            msg = f"Quota exceeded for {c.name}{where}: {used} of limit {shown(c.limit)}. This limit does not reset."
+        return QuotaExceeded(msg, headers=headers)
+
+
+def _cost(prompt_tokens: int, completion_tokens: int, price: tuple[int, int]) -> int:
+    """nano-USD, rounded half up; prices are nano-USD per million tokens."""
+    return (prompt_tokens * price[0] + completion_tokens * price[1] + 500_000) // 1_000_000
+
+
+cost_nusd = _cost

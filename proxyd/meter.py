@@ -1,0 +1,259 @@
+"""Metering: admit (reserve) a request, then settle it with its actual usage or void it. Exactly once.
+
+    ticket = meter.admit(...)          # limits checked and reserved in memory; a 'pending' row queued
+    ...forward, relay...
+    await meter.settle(ticket, usage)  # memory posted; row + daily aggregate committed (awaited)
+    or meter.void(ticket, ...)         # memory released; row marked voided
+
+The pending row is queued but not awaited: it costs the request no latency, and the writer commits
+it before the settle that follows it in the same queue. If the process dies in between, the row is
+found 'pending' at the next start and marked 'expired' (its in-memory reservation died with the
+process). The settle *is* awaited, so usage is durable before the response's last byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .accounts import Caller, User
+from .limits import Hold, Limiter, Limits, cost_nusd, day_key, go_duration, merge, month_key, usd_str
+from .pricing import PriceTable
+from .store import Store
+
+log = logging.getLogger("proxyd.meter")
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    source: str  # "reported" by the upstream, "counted" by proxyd from what it relayed, or "none"
+
+
+@dataclass
+class Ticket:
+    """One admitted request: its reservation plus what the ledger row needs."""
+
+    request_id: str
+    caller: Caller
+    model: str
+    endpoint: str
+    stream: bool
+    hold: Hold
+    started: float  # perf_counter, for latency
+    headers: dict[str, str]  # x-ratelimit-* for the response
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.hold.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.hold.completion_tokens
+
+    @property
+    def ended(self) -> bool:
+        return self.hold.state != "pending"
+
+
+class Meter:
+    def __init__(
+        self,
+        *,
+        limiter: Limiter,
+        store: Store,
+        prices: PriceTable,
+        config_limits: dict[str, Any],
+        min_completion_tokens: int,
+        metrics: Any = None,
+    ) -> None:
+        self.limiter = limiter
+        self.store = store
+        self.prices = prices
+        self.defaults: Limits = config_limits.get("default", {})
+        self.model_defaults: dict[str, Limits] = config_limits.get("models", {})
+        self.user_config: dict[str, Limits] = config_limits.get("users", {})
+        self.min_completion_tokens = min_completion_tokens
+        self.metrics = metrics
+
+    # -- limits in force -------------------------------------------------------------------------
+
+    def effective(self, user: User) -> Limits:
+        """config default <- config per-model defaults <- config user <- admin overrides."""
+        return merge(
+            self.defaults,
+            {"models": self.model_defaults},
+            self.user_config.get(user.user_id, {}),
+            user.overrides,
+        )
+
+    def _split(self, user: User, model: str) -> tuple[Limits, Limits]:
+        eff = self.effective(user)
+        models = eff.pop("models", {})
+        return eff, models.get(model, {})
+
+    # -- the request path ------------------------------------------------------------------------
+
+    def admit(
+        self,
+        *,
+        caller: Caller,
+        model: str,
+        endpoint: str,
+        stream: bool,
+        prompt_tokens: int,
+        completion_tokens: int,
+        completion_is_default: bool,
+        request_id: str,
+    ) -> Ticket:
+        """Reserves or raises RateLimited/QuotaExceeded. Synchronous: atomic on the event loop."""
+        user_limits, model_limits = self._split(caller.user, model)
+        hold = self.limiter.reserve(
+            user_id=caller.user.user_id,
+            model=model,
+            user_limits=user_limits,
+            model_limits=model_limits,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            completion_is_default=completion_is_default,
+            min_completion_tokens=self.min_completion_tokens,
+            price=self.prices.price(model),
+        )
+        ticket = Ticket(
+            request_id, caller, model, endpoint, stream, hold, time.perf_counter(),
+            self._rate_headers(caller.user.user_id, model, user_limits, model_limits),
+        )
+        row = (
+            request_id, caller.user.user_id, caller.key_id, model, endpoint, int(stream), "pending",
+            day_key(hold.admitted_at), _iso(hold.admitted_at), hold.prompt_tokens, hold.completion_tokens,
+        )
+        fut = self.store.submit(
+            lambda c: c.execute(
+                "INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at,"
+                " reserved_prompt, reserved_completion) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+        )
+        fut.add_done_callback(_log_failure)
+        return ticket
+
+    async def settle(self, ticket: Ticket, usage: Usage, *, http_status: int = 200) -> None:
+        """Posts actual usage; returns once the ledger row and the daily aggregate are committed."""
+        in_price, out_price = self.prices.price(ticket.model)
+        cost = cost_nusd(usage.prompt_tokens, usage.completion_tokens, (in_price, out_price))
+        self.limiter.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
+        if self.metrics:
+            self.metrics.settled(ticket, usage)
+        now = time.time()
+        latency_ms = int((time.perf_counter() - ticket.started) * 1000)
+        user_id, day = ticket.caller.user.user_id, day_key(ticket.hold.admitted_at)
+        row = (
+            http_status, _iso(now), latency_ms, usage.prompt_tokens, usage.completion_tokens, usage.source,
+            in_price, out_price, cost, ticket.request_id,
+        )
+        daily = (user_id, ticket.model, day, usage.prompt_tokens, usage.completion_tokens, cost)
+
+        def op(conn):
+            conn.execute(
+                "UPDATE requests SET status='settled', http_status=?, finished_at=?, latency_ms=?, prompt_tokens=?,"
+                " completion_tokens=?, usage_source=?, input_price_nusd_per_mtok=?, output_price_nusd_per_mtok=?,"
+                " cost_nusd=? WHERE id=?",
+                row,
+            )
+            conn.execute(
+                "INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)"
+                " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (user_id, model, day) DO UPDATE SET"
+                " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens,"
+                " cost_nusd = cost_nusd + excluded.cost_nusd",
+                daily,
+            )
+
+        await self.store.submit(op)
+
+    def void(self, ticket: Ticket, *, http_status: int, error: str) -> None:
+        """Releases the reservation; the row records why. Nothing is billed."""
+        self.limiter.void(ticket.hold)
+        if self.metrics:
+            self.metrics.voided(ticket)
+        latency_ms = int((time.perf_counter() - ticket.started) * 1000)
+        fut = self.store.submit_sql(
+            "UPDATE requests SET status='voided', http_status=?, finished_at=?, latency_ms=?, error=? WHERE id=?",
+            (http_status, _iso(time.time()), latency_ms, error[:500], ticket.request_id),
+        )
+        fut.add_done_callback(_log_failure)
+
+    # -- load and report -------------------------------------------------------------------------
+
+    def load_usage(self) -> None:
+        """Seeds the limiter with settled usage of today, this month and all time (from aggregates)."""
+        now = self.limiter.clock()
+        today, month = day_key(now), month_key(now)
+
+        def q(conn):
+            base = "SELECT user_id, model, SUM(requests), SUM(prompt_tokens + completion_tokens), SUM(cost_nusd) FROM usage_daily"
+            grp = " GROUP BY user_id, model"
+            return (
+                conn.execute(base + " WHERE day = ?" + grp, (today,)).fetchall(),
+                conn.execute(base + " WHERE day >= ? AND day < ?" + grp, (month + "-01", month + "-32")).fetchall(),
+                conn.execute(base + grp).fetchall(),
+            )
+
+        for rows, period in zip(self.store.read_now(q), ("d" + today, "m" + month, "total")):
+            for user_id, model, requests, tokens, cost in rows:
+                self.limiter.load_used(user_id, model, period, requests or 0, tokens or 0, cost or 0)
+
+    def limit_status(self, user: User) -> list[dict[str, Any]]:
+        """Every limit that applies to the user now: limit, used, reserved, remaining, resets_at."""
+        now = self.limiter.clock()
+        eff = self.effective(user)
+        models = eff.pop("models", {})
+        out = []
+        scopes = [("*", eff)] + [(m, lim) for m, lim in sorted(models.items())]
+        for scope, limits in scopes:
+            for c, _metric, _window in self.limiter.checks(user.user_id, scope, limits, now):
+                usd = c.name.endswith("_usd")
+                fmt = usd_str if usd else (lambda v: v)
+                out.append(
+                    {
+                        "name": c.name,
+                        "model": None if scope == "*" else scope,
+                        "limit": fmt(c.limit),
+                        "used": fmt(c.used),
+                        "reserved": fmt(c.reserved),
+                        "remaining": fmt(c.remaining),
+                        "resets_at": _iso(c.reset_at) if c.reset_at else None,
+                    }
+                )
+        return out
+
+    def _rate_headers(self, user_id: str, model: str, user_limits: Limits, model_limits: Limits) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for the tightest request and token limits (after this admission)."""
+        now = self.limiter.clock()
+        checks = self.limiter.checks(user_id, "*", user_limits, now) + self.limiter.checks(
+            user_id, model, model_limits, now
+        )
+        headers: dict[str, str] = {}
+        for metric, suffix in ((0, "requests"), (1, "tokens")):
+            best = None
+            for c, m, window in checks:
+                if m == metric and window != "concurrent" and (best is None or c.remaining < best.remaining):
+                    best = c
+            if best is not None:
+                headers[f"x-ratelimit-limit-{suffix}"] = str(best.limit)
+                headers[f"x-ratelimit-remaining-{suffix}"] = str(best.remaining)
+                if best.reset_at is not None:
+                    headers[f"x-ratelimit-reset-{suffix}"] = go_duration(max(0.0, best.reset_at - now))
+        return headers
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+def _log_failure(fut) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("ledger write failed: %s", fut.exception())

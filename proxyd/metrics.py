@@ -1,0 +1,50 @@
+"""Prometheus metrics (own registry per application, so tests can build several apps in one process)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self, *, per_user_labels: bool = False) -> None:
+        self.registry = r = CollectorRegistry()
+        self.per_user = per_user_labels
+        self.requests = Counter("proxyd_requests", "Requests answered", ["route", "status", "model"], registry=r)
+        token_labels = ["model", "kind"] + (["user"] if per_user_labels else [])
+        self.tokens = Counter("proxyd_tokens", "Tokens settled", token_labels, registry=r)
+        self.voided_total = Counter("proxyd_reservations_voided", "Reservations released unbilled", ["model"], registry=r)
+        self.estimate_error = Histogram(
+            "proxyd_prompt_estimate_error_tokens",
+            "Reported prompt tokens minus proxyd's estimate",
+            ["model"],
+            buckets=(-100, -20, -5, -1, 0, 1, 5, 20, 100),
+            registry=r,
+        )
+        self.latency = Histogram(
+            "proxyd_request_seconds", "Request latency as seen by proxyd", ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+        )
+
+    def bind(self, *, in_flight: Callable[[], int], queue_depth: Callable[[], int], commit_s: Callable[[], float]) -> None:
+        Gauge("proxyd_reservations_in_flight", "Reservations pending", registry=self.registry).set_function(in_flight)
+        Gauge("proxyd_ledger_queue_depth", "Ledger writes queued", registry=self.registry).set_function(queue_depth)
+        Gauge("proxyd_ledger_last_commit_seconds", "Duration of the last group commit", registry=self.registry).set_function(commit_s)
+
+    def settled(self, ticket: Any, usage: Any) -> None:
+        extra = [ticket.caller.user.user_id] if self.per_user else []
+        self.tokens.labels(ticket.model, "prompt", *extra).inc(usage.prompt_tokens)
+        self.tokens.labels(ticket.model, "completion", *extra).inc(usage.completion_tokens)
+        if usage.source == "reported":
+            self.estimate_error.labels(ticket.model).observe(usage.prompt_tokens - ticket.prompt_tokens)
+
+    def voided(self, ticket: Any) -> None:
+        self.voided_total.labels(ticket.model).inc()
+
+    def observe_request(self, route: str, status: int, model: str, seconds: float) -> None:
+        self.requests.labels(route, str(status), model).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

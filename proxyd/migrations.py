@@ -1,0 +1,80 @@
+"""Numbered, append-only schema migrations (sqlite-utils' Migrations records each one applied).
+
+Never edit or reorder a migration that has shipped: add a new one. ``tests/test_store.py`` asserts the
+resulting schema of a blank database.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database, Migrations
+
+migrations = Migrations("proxyd")
+
+
+@migrations()
+def m001_users_and_keys(db: Database) -> None:
+    db["users"].create(
+        {"user_id": str, "created_at": str, "disabled": int, "limits_json": str},
+        pk="user_id",
+        not_null={"created_at", "disabled"},
+        defaults={"disabled": 0},
+    )
+    # Only a SHA-256 of each key is stored; `prefix` (the first characters) helps people tell keys apart.
+    db["api_keys"].create(
+        {"key_id": str, "user_id": str, "key_hash": str, "prefix": str, "created_at": str, "revoked_at": str},
+        pk="key_id",
+        foreign_keys=[("user_id", "users", "user_id")],
+        not_null={"user_id", "key_hash", "created_at"},
+    )
+    db["api_keys"].create_index(["key_hash"], unique=True)
+    db["api_keys"].create_index(["user_id"])
+
+
+@migrations()
+def m002_ledger(db: Database) -> None:
+    # One row per admitted request. status: pending -> settled | voided, or expired on restart after a crash.
+    # Money is integer nano-USD (1e-9 USD): exact for prices with up to three decimals per million tokens.
+    db["requests"].create(
+        {
+            "id": str,
+            "user_id": str,
+            "key_id": str,
+            "model": str,
+            "endpoint": str,
+            "stream": int,
+            "status": str,
+            "http_status": int,
+            "day": str,  # UTC day the request was admitted: the period it is billed to
+            "created_at": str,
+            "finished_at": str,
+            "latency_ms": int,
+            "reserved_prompt": int,
+            "reserved_completion": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "usage_source": str,  # reported | counted | none
+            "input_price_nusd_per_mtok": int,  # the price in force at settle time, per million tokens
+            "output_price_nusd_per_mtok": int,
+            "cost_nusd": int,
+            "error": str,
+        },
+        pk="id",
+        not_null={"user_id", "model", "endpoint", "status", "day", "created_at"},
+    )
+    db["requests"].create_index(["user_id", "day"])
+    db["requests"].create_index(["status"])
+    # Per user/model/day sums of settled requests, kept in the same transaction as each settle, so usage
+    # and invoice queries read a few rows instead of millions.
+    db["usage_daily"].create(
+        {
+            "user_id": str,
+            "model": str,
+            "day": str,
+            "requests": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "cost_nusd": int,
+        },
+        pk=("user_id", "model", "day"),
+    )
+    db["usage_daily"].create_index(["day"])

@@ -1,0 +1,204 @@
+"""Building the application: the objects handlers share (``Context``) and the route table.
+
+Handlers receive the Context through ``initialize(ctx=...)`` from the route table: no globals, so
+tests build as many independent proxies as they like in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import tornado.web
+
+from .accounts import Accounts
+from .config import Config, ConfigError
+from .errors import InvalidRequest
+from .handlers import admin, openai, usage
+from .handlers.base import BaseHandler, NotFoundHandler
+from .limits import Limiter, parse_limits
+from .meter import Meter
+from .metrics import Metrics
+from .pricing import PriceTable
+from .store import Store
+from .tokens import TokenCounter
+from .upstream import Upstream
+
+log = logging.getLogger("proxyd")
+access = logging.getLogger("proxyd.access")
+
+
+@dataclass
+class Context:
+    config: Config
+    store: Store
+    accounts: Accounts
+    meter: Meter
+    tokens: TokenCounter
+    upstream: Upstream
+    images: Any  # proxyd.images.ImageInliner
+    metrics: Metrics | None
+    in_flight: int = 0
+    shutting_down: bool = False
+    _model_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def model_spec(self, model: str) -> dict[str, Any]:
+        spec = self._model_specs.get(model)
+        if spec is None:
+            models = self.config["models"]
+            own = models.get(model) or models.get(model.split(":", 1)[0]) or {}
+            spec = self._model_specs[model] = {**self.config["model_defaults"], **own}
+        return spec
+
+    def access_log(self, handler: BaseHandler) -> None:
+        status = handler.get_status()
+        seconds = handler.request.request_time()
+        model = handler.log_fields.get("model", "")
+        if self.metrics is not None:
+            self.metrics.observe_request(type(handler).__name__, status, model, seconds)
+        if self.config["logging.access_log"] and access.isEnabledFor(logging.INFO):
+            access.info(
+                json.dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "request_id": handler.request_id,
+                        "method": handler.request.method,
+                        "path": handler.request.path,
+                        "status": status,
+                        "ms": round(seconds * 1000, 1),
+                        **handler.log_fields,
+                    },
+                    separators=(",", ":"),
+                )
+            )
+
+
+def parse_config_limits(raw: dict[str, Any]) -> dict[str, Any]:
+    """limits: {default: {...}, models: {model: {...}}, users: {user: {...}}} -> parsed (nano-USD)."""
+    unknown = set(raw) - {"default", "models", "users"}
+    if unknown:
+        raise ConfigError(f"config: unknown key 'limits.{sorted(unknown)[0]}'")
+    try:
+        return {
+            "default": parse_limits(raw.get("default"), "limits.default"),
+            "models": {m: parse_limits(v, f"limits.models.{m}", allow_models=False) for m, v in (raw.get("models") or {}).items()},
+            "users": {u: parse_limits(v, f"limits.users.{u}") for u, v in (raw.get("users") or {}).items()},
+        }
+    except InvalidRequest as exc:
+        raise ConfigError(f"config: {exc.message}") from None
+
+
+def build_context(config: Config, *, clock: Callable[[], float] = time.time, image_resolver=None) -> Context:
+    """Opens the store (migrations, crash recovery) and builds every shared object. Synchronous."""
+    from .images import ImageInliner, ImagePolicy  # noqa: local import keeps start-up errors readable
+
+    config_limits = parse_config_limits(config["limits"])
+    prices = PriceTable(config["pricing"])
+    store = Store(config["database.path"], synchronous=config["database.synchronous"], batch_max=config["database.batch_max"])
+    expired = store.open()
+    if expired:
+        log.warning("expired %d reservations left pending by an earlier crash", expired)
+    accounts = Accounts(store)
+    accounts.load(lambda raw: parse_limits(raw, "stored limits"))
+    metrics = Metrics(per_user_labels=config["metrics.per_user_labels"]) if config["metrics.enabled"] else None
+    limiter = Limiter(clock=clock)
+    meter = Meter(
+        limiter=limiter,
+        store=store,
+        prices=prices,
+        config_limits=config_limits,
+        min_completion_tokens=config["estimate.min_completion_tokens"],
+        metrics=metrics,
+    )
+    meter.load_usage()
+    if metrics is not None:
+        metrics.bind(
+            in_flight=lambda: limiter.pending,
+            queue_depth=lambda: store.queue_depth,
+            commit_s=lambda: store.last_commit_s,
+        )
+    tokens = TokenCounter(config["models"], config["model_defaults"])
+    upstream = Upstream(
+        config["upstream.url"],
+        connect_timeout_s=config["upstream.connect_timeout_s"],
+        first_byte_timeout_s=config["upstream.first_byte_timeout_s"],
+        idle_timeout_s=config["upstream.idle_timeout_s"],
+        pool_size=config["upstream.pool_size"],
+        max_response_bytes=config["upstream.max_response_bytes"],
+    )
+    img = config.section("images")
+    policy = ImagePolicy(
+        allow_private_networks=img["allow_private_networks"],
+        max_bytes=img["max_bytes"],
+        timeout_s=img["timeout_s"],
+        connect_timeout_s=img["connect_timeout_s"],
+        max_redirects=img["max_redirects"],
+        max_dimension=img["max_dimension"],
+        max_images=img["max_images"],
+    )
+    images = ImageInliner(policy, resolver=image_resolver)
+    return Context(config, store, accounts, meter, tokens, upstream, images, metrics)
+
+
+class HealthHandler(BaseHandler):
+    async def get(self) -> None:
+        ok, detail = await self.ctx.upstream.health()
+        self.send_json(
+            {
+                "status": "ok" if ok else "degraded",
+                "upstream": {"url": self.ctx.upstream.base_url, "reachable": ok, "detail": detail},
+                "reservations_in_flight": self.ctx.meter.limiter.pending,
+                "ledger_queue_depth": self.ctx.store.queue_depth,
+            }
+        )
+
+
+class MetricsHandler(BaseHandler):
+    async def get(self) -> None:
+        if self.ctx.metrics is None:
+            raise tornado.web.HTTPError(404)
+        self.set_header("Content-Type", "text/plain; version=0.0.4")
+        self.finish(self.ctx.metrics.render())
+
+
+def api_routes() -> list[tuple[str, type]]:
+    v1 = r"/(?:v1/)?"  # the brief's base_url has no /v1, so every route is served both ways
+    return [
+        (v1 + r"chat/completions", openai.ChatCompletionsHandler),
+        (v1 + r"completions", openai.CompletionsHandler),
+        (v1 + r"embeddings", openai.EmbeddingsHandler),
+        (v1 + r"models", openai.ModelsHandler),
+        (v1 + r"models/(.+)", openai.ModelsHandler),
+        (v1 + r"usage", usage.UsageHandler),
+        (v1 + r"limits", usage.LimitsHandler),
+        (v1 + r"billing/invoices", usage.InvoiceHandler),
+        (r"/healthz", HealthHandler),
+        (r"/metrics", MetricsHandler),
+    ]
+
+
+def admin_routes() -> list[tuple[str, type]]:
+    return [
+        (r"/admin/users", admin.UsersHandler),
+        (r"/admin/users/([^/]+)", admin.UserHandler),
+        (r"/admin/users/([^/]+)/keys", admin.UserKeysHandler),
+        (r"/admin/users/([^/]+)/limits", admin.UserLimitsHandler),
+        (r"/admin/users/([^/]+)/usage", admin.UserUsageHandler),
+        (r"/admin/keys/([^/]+)", admin.KeyHandler),
+        (r"/admin/usage", admin.AllUsageHandler),
+        (r"/admin/invoices", admin.InvoicesHandler),
+        (r"/admin/ledger/check", admin.ConsistencyHandler),
+    ]
+
+
+def make_app(ctx: Context, *, api: bool = True, admin_api: bool = True) -> tornado.web.Application:
+    routes = (api_routes() if api else []) + (admin_routes() if admin_api else [])
+    return tornado.web.Application(
+        [(pattern, handler, {"ctx": ctx}) for pattern, handler in routes],
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"ctx": ctx},
+        log_function=lambda handler: None,  # the JSON access log replaces Tornado's line
+    )

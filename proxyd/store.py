@@ -1,0 +1,182 @@
+"""The SQLite store: one writer thread for every write, a reader thread for queries.
+
+Why one writer: SQLite allows one writer at a time anyway; funnelling every write through one
+thread and one connection means no SQLITE_BUSY, no write-lock contention with the event loop, and
+cheap group commits: the writer takes everything queued (up to ``batch_max``) and commits it as one
+``BEGIN IMMEDIATE`` transaction (sqlite-utils' ``atomic()`` would issue a deferred BEGIN, which can
+fail with SQLITE_BUSY without waiting). Each operation runs in its own SAVEPOINT, so one bad write
+fails alone instead of taking its batch with it.
+
+Durability: ``submit()`` returns a future that resolves after the COMMIT. The proxy awaits it before
+the last byte of a response, so whatever a client saw complete is on disk. In WAL mode with
+``synchronous=NORMAL`` a committed transaction survives a process crash (kill -9) but the last
+commits may be lost on power loss or an OS crash; ``synchronous=FULL`` closes that window at the
+cost of an fsync per group commit.
+
+The store knows nothing about HTTP; handlers never see SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
+
+from sqlite_utils import Database
+
+from .migrations import migrations
+
+log = logging.getLogger("proxyd.store")
+
+Op = Callable[[sqlite3.Connection], Any]
+_STOP = object()
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves. check_same_thread=False because the
+    # connection is created here and then used only by its own thread.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class Store:
+    def __init__(self, path: str, *, synchronous: str = "NORMAL", batch_max: int = 512) -> None:
+        self.path = path
+        self.batch_max = batch_max
+        self._synchronous = synchronous.upper()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-read")
+        self._read_conn: sqlite3.Connection | None = None
+        self.queue_depth = 0
+        self.last_commit_s = 0.0
+        self.commits = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Migrates, expires reservations a crash left pending, starts the writer. Returns #expired."""
+        conn = _connect(self.path, self._synchronous)
+        migrations.apply(Database(conn))
+        # A pending row means the process died between admitting a request and settling it. The
+        # in-memory reservation died with the process; mark the row so it is never billed or retried.
+        expired = conn.execute(
+            "UPDATE requests SET status='expired', finished_at=? WHERE status='pending'", (_now_iso(),)
+        ).rowcount
+        self._write_conn = conn
+        self._read_conn = sqlite3.connect(self.path, check_same_thread=False, timeout=5.0)
+        self._read_conn.row_factory = sqlite3.Row
+        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._writer.start()
+        return expired
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    async def close(self) -> None:
+        """Drains every queued write, then stops the writer."""
+        if self._writer is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        self._writer = None
+        self._reader_pool.shutdown(wait=True)
+        if self._read_conn is not None:
+            self._read_conn.close()
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def submit(self, op: Op) -> asyncio.Future:
+        """Queues ``op(conn)`` for the writer; the future resolves with its result after COMMIT."""
+        loop = self._loop or asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.queue_depth += 1
+        self._queue.put((op, fut, loop))
+        return fut
+
+    def submit_sql(self, sql: str, params: Iterable[Any] = ()) -> asyncio.Future:
+        return self.submit(lambda c: c.execute(sql, tuple(params)).rowcount)
+
+    def _write_loop(self) -> None:
+        conn = self._write_conn
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            stop = False
+            while len(batch) < self.batch_max:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit_batch(conn, batch)
+            if stop:
+                break
+        conn.close()
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list) -> None:
+        started = time.perf_counter()
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _fut, _loop in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # one bad write fails alone
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:  # the commit itself failed (disk full, I/O error): fail the batch
+            log.exception("ledger commit failed for %d writes", len(batch))
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(False, exc)] * len(batch)
+        self.last_commit_s = time.perf_counter() - started
+        self.commits += 1
+        for (ok, value), (_op, fut, loop) in zip(results, batch):
+            loop.call_soon_threadsafe(_resolve, fut, ok, value, self)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Runs a query function on the reader thread (WAL: readers never block the writer)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader_pool, fn, self._read_conn)
+
+    def read_now(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Synchronous read, for start-up only (before the loop serves anyone)."""
+        return fn(self._read_conn)
+
+
+def _resolve(fut: asyncio.Future, ok: bool, value: Any, store: Store) -> None:
+    store.queue_depth -= 1
+    if fut.cancelled():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
