@@ -124,7 +124,7 @@ def to_api(limits: Limits) -> dict[str, Any]:
 
 
 def usd_str(nusd: int) -> str:
-    return str((Decimal(nusd) / NANO).quantize(Decimal("0.000000001")))
+    return format((Decimal(nusd) / NANO).quantize(Decimal("0.000000001")), "f")
 
 
 # -- periods ---------------------------------------------------------------------------------------

@@ -59,4 +59,4 @@ def _nusd(value: Any, where: str) -> int:
 
 
 def _usd(nusd: int) -> str:
-    return str(Decimal(nusd) / NANO)
+    return format(Decimal(nusd) / NANO, "f")

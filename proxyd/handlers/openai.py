@@ -295,18 +295,20 @@ class ProxyHandler(BaseHandler):
 
 def upstream_error(status: int, raw: bytes) -> ProxyError:
     """Ollama's error passes through with its status; a non-JSON body is described."""
+    # Ollama's 503 means its queue is full: tell clients when to come back.
+    headers = {"Retry-After": "1"} if status == 503 else None
+    kind, code, param = openai_type_for_status(status), None, None
     try:
-        doc = json.loads(raw)
-        err = doc["error"]
+        err = json.loads(raw)["error"]
         if isinstance(err, dict):
             message = str(err.get("message") or f"Upstream returned HTTP {status}.")
-            return UpstreamError(message, status=status, type=err.get("type") or openai_type_for_status(status), code=err.get("code"), param=err.get("param"))
-        message = str(err)
+            kind, code, param = err.get("type") or kind, err.get("code"), err.get("param")
+        else:
+            message = str(err)
     except (ValueError, KeyError, TypeError):
         text = raw.decode("utf-8", "replace").strip()[:300]
         message = f"Upstream returned HTTP {status}" + (f": {text}" if text else " with an empty body.")
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return UpstreamError(message, status=status, type=openai_type_for_status(status), headers=headers)
+    return UpstreamError(message, status=status, type=kind, code=code, param=param, headers=headers)
 
 
 # -- routes ---------------------------------------------------------------------------------------------
