@@ -169,10 +169,11 @@ class ProxyHandler(BaseHandler):
             if self._client_gone:
                 raise ClientGone() from None
             raise
-        if done:
-            resp.release()
-        else:
-            resp.abort()
+        finally:
+            # Done: the connection goes back to the pool. Otherwise (client gone, upstream broken) drop it,
+            # which also tells Ollama to stop generating.
+            resp.release() if done else resp.abort()
+        if not done:
             raise UpstreamUnavailable("Upstream stream ended without [DONE] (connection cut or upstream error).")
         await self.ctx.meter.settle(ticket, await self.usage_of(ticket, outcome))
         await self.send(event(DONE))

@@ -1,0 +1,371 @@
+"""Estimate, reserve, settle; the ledger; limits and refusals; usage, limits and invoice APIs (issue #3)."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from proxyd.tokens import TokenCounter
+
+MSG = [{"role": "user", "content": "Hi"}]
+LLAMA = {"llama3.2:1b": {"tokenizer": "llama3", "template": "llama3"}}
+
+
+@pytest.mark.parametrize("messages, expected", [
+    ([{"role": "user", "content": "Hi"}], 26),
+    ([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"}], 32),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+      {"role": "user", "content": "How are you?"}], 42),
+])
+def test_llama32_prompt_vectors(messages, expected):
+    tc = TokenCounter(LLAMA, {})
+    assert asyncio.run(tc.chat_prompt("llama3.2:1b", messages)) == expected
+
+
+def test_large_prompt_counts_off_the_loop():
+    tc = TokenCounter(LLAMA, {})
+    text = "word " * 100_000
+
+    async def run():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        t = asyncio.create_task(ticker())
+        n = await tc.chat_prompt("llama3.2:1b", [{"role": "user", "content": text}])
+        t.cancel()
+        return n, ticks
+
+    n, ticks = asyncio.run(run())
+    assert n > 100_000
+    assert ticks > 3  # the loop kept running while 100k tokens were encoded
+
+
+def ledger_totals(world, user):
+    return world.rows("SELECT model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM usage_daily"
+                      " WHERE user_id=? GROUP BY model ORDER BY model", (user,))
+
+
+def test_billed_usage_equals_reported(make_world):
+    # The emulator reports prompt_tokens 3 above the template count, so a ledger equal to what the
+    # client saw proves the reported numbers were billed, not proxyd's estimate.
+    world = make_world(emulator={"prompt_token_skew": 3})
+    key = world.new_user("alice")
+    c = world.client(key)
+    seen = {"llama3.2:1b": [0, 0, 0], "nomic-embed-text": [0, 0, 0]}
+
+    def add(model, usage):
+        seen[model][0] += 1
+        seen[model][1] += usage.prompt_tokens
+        seen[model][2] += usage.completion_tokens
+
+    add("llama3.2:1b", c.chat.completions.create(model="llama3.2:1b", messages=MSG).usage)
+    chunks = list(c.chat.completions.create(model="llama3.2:1b", messages=MSG, stream=True,
+                                            stream_options={"include_usage": True}))
+    add("llama3.2:1b", chunks[-1].usage)
+    add("llama3.2:1b", c.completions.create(model="llama3.2:1b", prompt="Hello", max_tokens=6).usage)
+    chunks = list(c.completions.create(model="llama3.2:1b", prompt="Hello", stream=True, max_tokens=6,
+                                       stream_options={"include_usage": True}))
+    add("llama3.2:1b", chunks[-1].usage)
+    e = c.embeddings.create(model="nomic-embed-text", input=["a b c", "d"])
+    seen["nomic-embed-text"][0] += 1
+    seen["nomic-embed-text"][1] += e.usage.prompt_tokens
+    # A stream without include_usage: the client sees no usage, proxyd still bills Ollama's report.
+    text = "".join(ch.choices[0].delta.content or "" for ch in
+                   c.chat.completions.create(model="llama3.2:1b", messages=MSG, stream=True) if ch.choices)
+    seen["llama3.2:1b"][0] += 1
+    seen["llama3.2:1b"][1] += 26 + 3
+    seen["llama3.2:1b"][2] += len(text.split()) + 1  # one token per word, plus Ollama's counted EOS
+    world.settle_all()
+    assert ledger_totals(world, "alice") == [
+        ("llama3.2:1b", *seen["llama3.2:1b"]), ("nomic-embed-text", *seen["nomic-embed-text"])]
+    assert set(world.rows("SELECT usage_source FROM requests")) == {("reported",)}
+    u = world.get("/v1/usage", key).json()
+    assert u["totals"]["requests"] == 6
+    assert {r["model"] for r in u["data"]} == {"llama3.2:1b", "nomic-embed-text"}
+
+
+def test_counted_usage_when_upstream_reports_none(make_world):
+    world = make_world(emulator={"send_usage": False})
+    key = world.new_user("alice")
+    chunks = list(world.client(key).chat.completions.create(
+        model="llama3.2:1b", messages=[{"role": "user", "content": "[[emu:reply_tokens=9]] x"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert all(ch.usage is None for ch in chunks)
+    world.settle_all()
+    # Counted: the prompt is proxyd's estimate, the completion the tokens of the relayed text.
+    [(prompt, estimate, completion, source)] = world.rows(
+        "SELECT prompt_tokens, reserved_prompt, completion_tokens, usage_source FROM requests")
+    assert (prompt, completion, source) == (estimate, 9, "counted")
+
+
+def test_user_isolation(world):
+    a = world.new_user("alice")
+    b = world.new_user("bob")
+    world.client(a).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    world.settle_all()
+    ub = world.get("/v1/usage", b).json()
+    assert ub["totals"]["requests"] == 0 and ub["user_id"] == "bob"
+    # No parameter lets bob read alice's data.
+    assert world.get("/v1/usage", b, user_id="alice").json()["totals"]["requests"] == 0
+    assert "alice" not in world.get("/v1/limits", b).text
+    assert world.get("/v1/billing/invoices", b, period=time.strftime("%Y-%m")).json()["lines"] == []
+    assert world.get("/admin/users/alice/usage", b).status_code == 401
+    assert world.admin("GET", "/admin/users/alice/usage").json()["totals"]["requests"] == 1
+
+
+def test_upstream_failure_is_voided(world):
+    key = world.new_user("alice")
+    world.emu.add_fault("error500")
+    with pytest.raises(openai.InternalServerError):
+        world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    world.settle_all()
+    assert world.rows("SELECT status, http_status FROM requests") == [("voided", 500)]
+    assert world.rows("SELECT COUNT(*) FROM usage_daily") == [(0,)]
+
+
+def test_cut_stream_bills_what_was_relayed(world):
+    key = world.new_user("alice")
+    world.emu.add_fault("cut_after:4")
+    got = []
+    with pytest.raises(openai.APIError):
+        for ch in world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG, stream=True):
+            if ch.choices and ch.choices[0].delta.content:
+                got.append(ch.choices[0].delta.content)
+    assert len(got) == 4
+    world.settle_all()
+    assert world.rows("SELECT status, prompt_tokens, completion_tokens, usage_source FROM requests") == [
+        ("settled", 26, 4, "counted")]
+
+
+def test_client_disconnect_bills_relayed_and_cancels_upstream(make_world):
+    world = make_world(emulator={"token_delay_s": 0.05})
+    key = world.new_user("alice")
+    body = {"model": "llama3.2:1b", "stream": True,
+            "messages": [{"role": "user", "content": "[[emu:reply_tokens=200]] long"}]}
+    with httpx.stream("POST", world.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}) as r:
+        lines = 0
+        for line in r.iter_lines():
+            lines += line.startswith("data:")
+            if lines == 3:
+                break
+    deadline = time.time() + 5
+    while time.time() < deadline and (world.emu.cancelled_streams == 0 or world.ctx.meter.limiter.pending):
+        time.sleep(0.02)
+    assert world.emu.cancelled_streams == 1  # Ollama was told to stop generating
+    world.settle_all()
+    [(status, http, prompt, estimate, completion)] = world.rows(
+        "SELECT status, http_status, prompt_tokens, reserved_prompt, completion_tokens FROM requests")
+    assert (status, http, prompt) == ("settled", 499, estimate)
+    assert 3 <= completion < 200
+
+
+def test_nothing_reserved_after_mixed_faults(make_world):
+    world = make_world(emulator={"token_delay_s": 0.002})
+    key = world.new_user("alice")
+    faults = ["error500", "busy503", "cut_after:2", "no_usage", "bad_json", None, None]
+
+    async def one(client, i):
+        fault = faults[i % len(faults)]
+        content = f"[[emu:fault={fault}]] hi" if fault else "hi"
+        try:
+            if i % 2:
+                stream = await client.chat.completions.create(
+                    model="llama3.2:1b", messages=[{"role": "user", "content": content}], stream=True)
+                async for _ in stream:
+                    pass
+            else:
+                await client.chat.completions.create(model="llama3.2:1b", messages=[{"role": "user", "content": content}])
+        except openai.APIError:
+            pass
+
+    async def run():
+        client = world.async_client(key)
+        await asyncio.gather(*[one(client, i) for i in range(70)])
+        await client.close()
+
+    asyncio.run(run())
+    world.settle_all()
+    assert world.ctx.meter.limiter.pending == 0
+    assert all(b.reserved == [0, 0, 0] for b in world.ctx.meter.limiter.buckets.values())
+    assert all(v == 0 for v in world.ctx.meter.limiter.concurrent.values())
+    check = world.admin("GET", "/admin/ledger/check").json()
+    assert check["ok"], check
+    assert "pending" not in check["requests_by_status"]
+
+
+def test_concurrent_requests_never_bill_past_a_total_limit(world):
+    key = world.new_user("alice", limits={"total_tokens": 1000})
+
+    async def run():
+        client = world.async_client(key)
+        ok = refused = 0
+
+        async def one():
+            nonlocal ok, refused
+            try:
+                await client.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=20)
+                ok += 1
+            except openai.RateLimitError as e:
+                assert e.body["code"] in ("insufficient_quota",)
+                assert e.response.headers["x-should-retry"] == "false"
+                refused += 1
+
+        await asyncio.gather(*[one() for _ in range(120)])
+        await client.close()
+        return ok, refused
+
+    ok, refused = asyncio.run(run())
+    world.settle_all()
+    [(billed,)] = world.rows("SELECT SUM(prompt_tokens + completion_tokens) FROM requests WHERE status='settled'")
+    assert billed <= 1000
+    assert ok == 1000 // (26 + 20) and refused == 120 - ok
+
+
+def test_short_term_limits_and_rollover(world):
+    key = world.new_user("alice", limits={"requests_per_minute": 2})
+    c = world.client(key)
+    raw = c.chat.completions.with_raw_response.create(model="llama3.2:1b", messages=MSG)
+    assert raw.headers["x-ratelimit-limit-requests"] == "2"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "1"
+    assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.body["code"] == "rate_limit_exceeded"
+    assert "requests_per_minute" in e.value.message and "used 2" in e.value.message
+    assert 0 < int(e.value.response.headers["retry-after"]) <= 60
+    assert float(e.value.response.headers["retry-after-ms"]) > 0
+    world.clock.advance(61)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+
+
+def test_tokens_per_minute_and_concurrency(make_world):
+    world = make_world(emulator={"token_delay_s": 0.05})
+    key = world.new_user("alice", limits={"tokens_per_minute": 100, "max_concurrent_requests": 1})
+    c = world.client(key)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=5)   # 26 + <=5
+    with pytest.raises(openai.RateLimitError):
+        c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=60)  # 86 does not fit
+    with pytest.raises(openai.RateLimitError) as e:  # never fits: not retryable
+        c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=500)
+    assert e.value.body["code"] == "request_too_large"
+
+    async def two():
+        client = world.async_client(key)
+        res = await asyncio.gather(
+            client.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=5),
+            client.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=5),
+            return_exceptions=True)
+        await client.close()
+        return res
+
+    res = asyncio.run(two())
+    assert sum(isinstance(r, openai.RateLimitError) for r in res) == 1
+
+
+def test_long_term_limits_roll_over_by_calendar(world):
+    key = world.new_user("alice", limits={"requests_per_day": 1, "total_cost_usd": 100})
+    c = world.client(key)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.body["type"] == "insufficient_quota"
+    assert e.value.response.headers["x-should-retry"] == "false"
+    assert "requests_per_day" in e.value.message and "Resets at" in e.value.message
+    world.clock.advance(86400)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+
+
+def test_cost_limits_and_total(make_world):
+    world = make_world(config={"pricing": {"llama3.2:1b": {"input_per_million_usd": 1000,
+                                                            "output_per_million_usd": 2000}}})
+    # 26 prompt tokens at $1000/M = $0.026; + 10 completion at $2000/M = $0.02 -> reserve $0.046
+    key = world.new_user("alice", limits={"total_cost_usd": 0.1})
+    c = world.client(key)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=10)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=10)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=10)
+    assert "total_cost_usd" in e.value.message and "does not reset" in e.value.message
+    world.settle_all()
+    [(cost,)] = world.rows("SELECT SUM(cost_nusd) FROM requests WHERE status='settled'")
+    assert cost <= 100_000_000
+    # Without max_tokens the default budget is shrunk to what is left instead of refusing outright.
+    world.admin("PUT", "/admin/users/alice/limits", {"total_cost_usd": 1})
+    r = c.chat.completions.create(model="llama3.2:1b", messages=[{"role": "user", "content": "[[emu:reply_tokens=500]] go"}])
+    world.settle_all()
+    assert r.choices[0].finish_reason == "length"
+    [(cost,)] = world.rows("SELECT SUM(cost_nusd) FROM requests WHERE status='settled'")
+    assert cost <= 1_000_000_000
+
+
+def test_per_model_and_config_limits_and_overrides_survive_restart(make_world):
+    world = make_world(config={"limits": {
+        "default": {"requests_per_day": 100},
+        "models": {"moondream": {"requests_per_day": 1}},
+        "users": {"carol": {"requests_per_day": 2}},
+    }})
+    a = world.new_user("alice")
+    carol = world.new_user("carol")
+    img = [{"role": "user", "content": "Hi"}]
+    world.client(a).chat.completions.create(model="moondream", messages=img)
+    with pytest.raises(openai.RateLimitError) as e:
+        world.client(a).chat.completions.create(model="moondream", messages=img)
+    assert "for model moondream" in e.value.message
+    world.client(a).chat.completions.create(model="llama3.2:1b", messages=MSG)  # other models unaffected
+    for _ in range(2):
+        world.client(carol).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    with pytest.raises(openai.RateLimitError):
+        world.client(carol).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    # Admin override wins over config, null = unlimited; and it survives a restart, as does usage.
+    r = world.admin("PUT", "/admin/users/carol/limits", {"requests_per_day": None, "tokens_per_day": 10_000})
+    assert r.status_code == 200 and r.json()["effective"]["requests_per_day"] is None
+    world.restart()
+    world.client(carol).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    status = {x["name"]: x for x in world.get("/v1/limits", carol).json()["limits"]}
+    assert status["tokens_per_day"]["used"] > 0 and status["tokens_per_day"]["limit"] == 10_000
+    with pytest.raises(openai.RateLimitError):  # alice's moondream day is still used up after the restart
+        world.client(a).chat.completions.create(model="moondream", messages=img)
+    assert world.admin("DELETE", "/admin/users/carol/limits").json()["effective"]["requests_per_day"] == 2
+
+
+def test_bad_limits_are_400(world):
+    world.new_user("alice")
+    for body in ({"requests_per_hour": 5}, {"requests_per_day": -1}, {"requests_per_day": "x"},
+                 {"requests_per_day": 1.5}, {"models": {"m": {"models": {}}}}, [1]):
+        r = world.admin("PUT", "/admin/users/alice/limits", body)
+        assert r.status_code == 400, body
+    assert world.admin("POST", "/admin/users", {"user_id": "bob", "limits": {"nope": 1}}).status_code == 400
+    assert world.admin("GET", "/admin/users/bob").status_code == 404
+
+
+def test_invoice_with_mid_month_price_change(make_world):
+    world = make_world(config={"pricing": {"llama3.2:1b": {"input_per_million_usd": 1, "output_per_million_usd": 2}}})
+    key = world.new_user("alice")
+    world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=4)
+    world.settle_all()
+    # The price changes (config edit + restart): past rows keep the price in force when they settled.
+    world.config_overrides["pricing"] = {"llama3.2:1b": {"input_per_million_usd": 10, "output_per_million_usd": 20}}
+    world.restart()
+    world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=4)
+    world.settle_all()
+    period = time.strftime("%Y-%m", time.gmtime())
+    inv = world.get("/v1/billing/invoices", key, period=period).json()
+    assert inv["status"] == "open" and len(inv["lines"]) == 2
+    # Each request: 26 prompt + 4 completion tokens (cut by max_tokens).
+    costs = sorted(l["cost_usd"] for l in inv["lines"])
+    assert costs == ["0.000034000", "0.000340000"]  # 26*1+4*2 = 34 micro-USD; then 340
+    assert inv["total_usd"] == "0.000374000"
+    admin = world.admin("GET", f"/admin/invoices?period={period}").json()
+    assert admin["data"][0]["total_usd"] == "0.000374000"
+    past = world.get("/v1/billing/invoices", key, period="2020-01").json()
+    assert past["status"] == "closed" and past["lines"] == []
