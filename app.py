@@ -21,7 +21,7 @@ import sys
 from tornado.httpserver import HTTPServer
 
 from proxyd.config import ConfigError, describe, load_config
-from proxyd.server import build_context, make_app
+from proxyd.server import build_context, check_structures, make_app
 
 log = logging.getLogger("proxyd")
 
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"server.port": args.port} if args.port else {}
     try:
         config = load_config(path, overrides)
+        check_structures(config)  # limits and pricing are validated before anything starts
     except ConfigError as exc:
         print(f"proxyd: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,9 @@ request steers the emulator with directives in its last user message (or complet
 
 Tests can also queue one-shot faults with ``state.add_fault("busy503")``; each inference request
 (POST chat / completions / embeddings) takes one queued fault, if any, before looking at directives.
+Other routes (GET /, /v1/models) never take a fault, so health checks cannot eat one. A fault acts
+where the model would run: a request that fails validation gets its 400/404 (and still uses up the
+queued fault).
 
 Run alone: ``python -m proxyd.emulator --port 11434 --token-delay 0.02``.
 """
@@ -505,6 +508,7 @@ def _sse(obj: Any) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 # Kinds of stream events: content chunks count for cut_after / stall_after and get the token delay.
 CONTENT, FINISH, TAIL = "content", "finish", "tail"
+Events = Iterator[tuple[str, bytes]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,8 +789,7 @@ class InferenceHandler(BaseHandler):
 
     def initialize(self, state: EmulatorState) -> None:
         super().initialize(state)
-        self._gone = asyncio.Event()
-        self._counted_stream = False
+        self._gone = asyncio.Event()  # set when the client (the proxy) goes away
 
     def on_connection_close(self) -> None:
         assert self._gone is not None
@@ -888,10 +891,12 @@ class InferenceHandler(BaseHandler):
             return False
         return True
 
-    async def run_stream(self, events: Iterator[tuple[str, bytes]], fault: Optional[Fault]) -> None:
+    async def run_stream(self, events: Events, fault: Optional[Fault]) -> None:
         """Writes SSE events with the configured delays, faults and cancellation handling."""
         opts = self.state.options
-        stop_at = fault.arg if fault is not None and fault.name in ("cut_after", "stall_after") else None
+        stop_at, cut = None, False
+        if fault is not None and fault.name in ("cut_after", "stall_after"):
+            stop_at, cut = fault.arg, fault.name == "cut_after"
         self.set_header("Content-Type", "text/event-stream")
         self.state.active_streams += 1
         try:
@@ -904,10 +909,9 @@ class InferenceHandler(BaseHandler):
             first = True
             for kind, data in events:
                 if kind == CONTENT and stop_at is not None and sent >= stop_at:
-                    if fault.name == "cut_after":  # type: ignore[union-attr]
-                        await self._ensure_headers_sent()
-                        return self.drop_connection()
                     await self._ensure_headers_sent()
+                    if cut:
+                        return self.drop_connection()
                     await self.hang_until_gone()
                     return self._cancelled()
                 if kind != TAIL and not first and await self.pause(opts.token_delay_s):
@@ -990,7 +994,7 @@ class ChatHandler(InferenceHandler):
 
     def chat_events(
         self, job: Job, reply: Reply, rid: str, prompt: int, fault: Optional[Fault]
-    ) -> Iterator[tuple[str, bytes]]:
+    ) -> Events:
         usage = _usage(prompt, reply.completion_tokens) if self.usage_allowed(job, fault) else None
         if self.state.options.stream_format == "new":
             return _chat_events_new(job.model, rid, reply, usage)
@@ -1008,7 +1012,7 @@ def _chunk(rid: str, created: int, model: str, choices: list) -> dict:
     }
 
 
-def _chat_events_old(model: str, rid: str, reply: Reply, usage: Optional[dict]) -> Iterator[tuple[str, bytes]]:
+def _chat_events_old(model: str, rid: str, reply: Reply, usage: Optional[dict]) -> Events:
     """§3a: role in every delta, `created` per chunk, finish_reason on a final empty-content chunk."""
     for word in reply.words:
         choice = {"index": 0, "delta": {"role": "assistant", "content": word}, "finish_reason": None}
@@ -1025,13 +1029,14 @@ def _chat_events_old(model: str, rid: str, reply: Reply, usage: Optional[dict]) 
     yield TAIL, _DONE
 
 
-def _chat_events_new(model: str, rid: str, reply: Reply, usage: Optional[dict]) -> Iterator[tuple[str, bytes]]:
+def _chat_events_new(model: str, rid: str, reply: Reply, usage: Optional[dict]) -> Events:
     """§3b: role only in the first delta, one `created`, a separate `{}` finish chunk."""
     created = int(time.time())
     words = reply.words or [""]  # an empty completion still opens with a role chunk
     for i, word in enumerate(words):
         delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
-        yield CONTENT, _sse(_chunk(rid, created, model, [{"index": 0, "delta": delta, "finish_reason": None}]))
+        choice = {"index": 0, "delta": delta, "finish_reason": None}
+        yield CONTENT, _sse(_chunk(rid, created, model, [choice]))
     final = _chunk(rid, created, model, [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}])
     yield FINISH, _sse(final)
     if usage is not None:
@@ -1074,7 +1079,7 @@ class CompletionsHandler(InferenceHandler):
         await self.answer_once(body, fault, delay)
 
 
-def _completion_events(model: str, rid: str, reply: Reply, usage: Optional[dict]) -> Iterator[tuple[str, bytes]]:
+def _completion_events(model: str, rid: str, reply: Reply, usage: Optional[dict]) -> Events:
     """§3c: finish_reason on the done chunk; with include_usage every chunk has a zeroed usage."""
     zeroed = {"usage": _usage(0, 0)} if usage is not None else {}
 
@@ -1167,7 +1172,8 @@ async def start_emulator(
 ) -> tuple[tornado.httpserver.HTTPServer, int, EmulatorState]:
     """Starts an emulator on the running loop; port 0 picks a free port. Stop with server.stop()."""
     state = EmulatorState(EmulatorOptions(**option_overrides))
-    server = tornado.httpserver.HTTPServer(make_app(state), max_body_size=_BIG_BODY, max_buffer_size=_BIG_BODY)
+    app = make_app(state)
+    server = tornado.httpserver.HTTPServer(app, max_body_size=_BIG_BODY, max_buffer_size=_BIG_BODY)
     sockets = tornado.netutil.bind_sockets(port, address)
     server.add_sockets(sockets)
     state.bound_address = sockets[0].getsockname()[0]
@@ -1217,7 +1223,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[list] = None) -> None:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     asyncio.run(_serve(args))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from .meter import Meter
 from .metrics import Metrics
 from .pricing import PriceTable
 from .store import Store
-from .tokens import TokenCounter
+from .tokens import ENCODINGS, TEMPLATES, TokenCounter
 from .upstream import Upstream
 
 log = logging.getLogger("proxyd")
@@ -43,6 +44,7 @@ class Context:
     metrics: Metrics | None
     in_flight: int = 0
     shutting_down: bool = False
+    open_per_key: dict[str, int] = field(default_factory=dict)
     _model_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def model_spec(self, model: str) -> dict[str, Any]:
@@ -52,6 +54,10 @@ class Context:
             own = models.get(model) or models.get(model.split(":", 1)[0]) or {}
             spec = self._model_specs[model] = {**self.config["model_defaults"], **own}
         return spec
+
+    def cors_allows(self, origin: str) -> bool:
+        allowed = self.config["server.cors_origins"]
+        return bool(allowed) and ("*" in allowed or origin in allowed)
 
     def access_log(self, handler: BaseHandler) -> None:
         status = handler.get_status()
@@ -89,6 +95,20 @@ def parse_config_limits(raw: dict[str, Any]) -> dict[str, Any]:
         }
     except InvalidRequest as exc:
         raise ConfigError(f"config: {exc.message}") from None
+
+
+def check_structures(config: Config) -> None:
+    """Validates the dict-typed settings (limits, pricing); raises ConfigError naming the key."""
+    parse_config_limits(config["limits"])
+    PriceTable(config["pricing"])
+    for name, spec in {**config["models"], "model_defaults": config["model_defaults"]}.items():
+        unknown = set(spec) - {"tokenizer", "template", "image_tokens", "context_window", "default_max_tokens"}
+        if unknown:
+            raise ConfigError(f"config: unknown key 'models.{name}.{sorted(unknown)[0]}'")
+        if spec.get("tokenizer", "llama3") not in ENCODINGS:
+            raise ConfigError(f"config: models.{name}.tokenizer must be one of {sorted(ENCODINGS)}")
+        if spec.get("template", "generic") not in TEMPLATES:
+            raise ConfigError(f"config: models.{name}.template must be one of {sorted(TEMPLATES)}")
 
 
 def build_context(config: Config, *, clock: Callable[[], float] = time.time, image_resolver=None) -> Context:
@@ -156,6 +176,17 @@ class HealthHandler(BaseHandler):
         )
 
 
+class OpenAPIHandler(BaseHandler):
+    """The OpenAPI document of every endpoint (docs/openapi.yaml), for clients and fuzzers."""
+
+    PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "openapi.yaml")
+
+    async def get(self) -> None:
+        with open(self.PATH, "rb") as fh:
+            self.set_header("Content-Type", "application/yaml")
+            self.finish(fh.read())
+
+
 class MetricsHandler(BaseHandler):
     async def get(self) -> None:
         if self.ctx.metrics is None:
@@ -177,6 +208,7 @@ def api_routes() -> list[tuple[str, type]]:
         (v1 + r"billing/invoices", usage.InvoiceHandler),
         (r"/healthz", HealthHandler),
         (r"/metrics", MetricsHandler),
+        (r"/openapi.yaml", OpenAPIHandler),
     ]
 
 

@@ -27,6 +27,7 @@ from ..errors import (
     PayloadTooLarge,
     PermissionDenied,
     ProxyError,
+    RateLimited,
     ServiceUnavailable,
 )
 
@@ -60,6 +61,18 @@ class BaseHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self.ctx.in_flight += 1
         self._counted = True
+        self._key_slot: str | None = None
+        origin = self.request.headers.get("Origin")
+        if origin and self.ctx.cors_allows(origin):
+            # CORS is off unless server.cors_origins lists the origin (or "*").
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Vary", "Origin")
+            if self.request.method == "OPTIONS":
+                self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
+                self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, OpenAI-Beta, X-Stainless-*")
+                self.set_header("Access-Control-Max-Age", "600")
+                self.set_status(204)
+                raise tornado.web.Finish()
         if self.ctx.shutting_down:
             self.set_header("Connection", "close")
             raise ServiceUnavailable("proxyd is shutting down; retry on another instance or in a moment.")
@@ -102,6 +115,15 @@ class BaseHandler(tornado.web.RequestHandler):
         self.caller = self.ctx.accounts.authenticate(self.request.headers.get("Authorization"))
         self.log_fields["user_id"] = self.caller.user.user_id
         self.log_fields["key_id"] = self.caller.key_id
+        # A cap on open requests per key, before any limit or upstream work: one key (or a stolen one)
+        # cannot hold all of the proxy's connections.
+        key_id, cap = self.caller.key_id, self.ctx.config["server.max_connections_per_key"]
+        open_now = self.ctx.open_per_key.get(key_id, 0)
+        if open_now >= cap:
+            raise RateLimited(f"Too many open requests on this API key ({open_now}, the cap is {cap}).",
+                              headers={"Retry-After": "1", "retry-after-ms": "1000"})
+        self.ctx.open_per_key[key_id] = open_now + 1
+        self._key_slot = key_id
 
     def authenticate_admin(self) -> None:
         token = self.ctx.config["admin.token"]
@@ -151,6 +173,13 @@ class BaseHandler(tornado.web.RequestHandler):
         if getattr(self, "_counted", False):
             self._counted = False
             self.ctx.in_flight -= 1
+        if getattr(self, "_key_slot", None) is not None:
+            left = self.ctx.open_per_key[self._key_slot] - 1
+            if left:
+                self.ctx.open_per_key[self._key_slot] = left
+            else:
+                del self.ctx.open_per_key[self._key_slot]
+            self._key_slot = None
         self.ctx.access_log(self)
 
 

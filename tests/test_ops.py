@@ -1,0 +1,110 @@
+"""Configuration, timeouts, observability, CORS and per-key caps (issues #2, #6)."""
+
+import subprocess
+import sys
+import os
+
+import httpx
+import openai
+import pytest
+
+from proxyd.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for text, needle in (("upstream:\n  urll: x\n", "upstream.urll"), ("server:\n  port: eighty\n", "server.port"),
+                         ("limits:\n  default:\n    requests_per_hour: 5\n", "requests_per_hour"),
+                         ("pricing:\n  m: {input_per_million_usd: -1}\n", "pricing.m")):
+        bad.write_text(text)
+        out = subprocess.run([sys.executable, "app.py", "--config", str(bad)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30, env={**os.environ, "PROXYD_DB": str(tmp_path / "x.db")})
+        assert out.returncode == 2 and needle in out.stderr, (text, out.stderr)
+    good = tmp_path / "good.yaml"
+    good.write_text("server:\n  port: 9001\nupstream:\n  url: http://127.0.0.1:1\n")
+    cfg = load_config(str(good), env={"PROXYD_UPSTREAM": "http://127.0.0.1:2", "PROXYD_DB": "/tmp/d.db"})
+    assert cfg["server.port"] == 9001 and cfg["upstream.url"] == "http://127.0.0.1:2"
+    assert cfg["database.path"] == "/tmp/d.db" and cfg["upstream.first_byte_timeout_s"] == 300.0
+    with pytest.raises(ConfigError):
+        load_config(None, {"no.such": 1}, env={})
+    # the shipped config.yaml is valid
+    assert load_config(os.path.join(ROOT, "config.yaml"), env={})["server.port"] == 8000
+
+
+def test_first_byte_timeout_is_504_and_voided(make_world):
+    world = make_world(config={"upstream.first_byte_timeout_s": 0.3})
+    key = world.new_user("alice")
+    world.emu.add_fault("slow_first_byte:3")
+    with pytest.raises(openai.APIStatusError) as e:
+        world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.status_code == 504 and e.value.body["code"] == "upstream_timeout"
+    world.settle_all()
+    assert world.rows("SELECT status, http_status FROM requests") == [("voided", 504)]
+
+
+def test_stalled_stream_ends_with_error_event_and_bills_relayed(make_world):
+    world = make_world(config={"upstream.idle_timeout_s": 0.3})
+    key = world.new_user("alice")
+    world.emu.add_fault("stall_after:3")
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for ch in world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG, stream=True):
+            if ch.choices and ch.choices[0].delta.content:
+                got.append(ch.choices[0].delta.content)
+    assert "silent" in str(e.value)
+    assert len(got) == 3
+    world.settle_all()
+    assert world.rows("SELECT status, completion_tokens, usage_source FROM requests") == [("settled", 3, "counted")]
+
+
+def test_upstream_invalid_json_is_502(world):
+    key = world.new_user("alice")
+    world.emu.add_fault("bad_json")
+    with pytest.raises(openai.APIStatusError) as e:
+        world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.status_code == 502
+    world.settle_all()
+    assert world.rows("SELECT status FROM requests") == [("voided",)]
+
+
+def test_metrics(world):
+    key = world.new_user("alice")
+    world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    text = httpx.get(world.url + "/metrics").text
+    assert 'proxyd_requests_total{model="llama3.2:1b",route="ChatCompletionsHandler",status="200"} 1.0' in text
+    assert 'proxyd_tokens_total{kind="prompt",model="llama3.2:1b"} 26.0' in text
+    assert "proxyd_reservations_in_flight 0.0" in text
+    assert "proxyd_prompt_estimate_error_tokens_bucket" in text
+
+
+def test_cors_off_by_default_and_on_when_configured(make_world):
+    world = make_world()
+    r = httpx.options(world.url + "/v1/chat/completions", headers={"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in r.headers
+    world2 = make_world(config={"server.cors_origins": ["https://app.example"]})
+    r = httpx.options(world2.url + "/v1/chat/completions", headers={"Origin": "https://app.example"})
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == "https://app.example"
+    r = httpx.options(world2.url + "/v1/chat/completions", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_open_requests_per_key_are_capped(make_world):
+    import asyncio
+
+    world = make_world(config={"server.max_connections_per_key": 2}, emulator={"token_delay_s": 0.05})
+    key = world.new_user("alice")
+
+    async def run():
+        client = world.async_client(key)
+        res = await asyncio.gather(*[client.chat.completions.create(model="llama3.2:1b", messages=MSG)
+                                     for _ in range(4)], return_exceptions=True)
+        await client.close()
+        return res
+
+    res = asyncio.run(run())
+    assert sum(isinstance(r, openai.RateLimitError) for r in res) == 2
+    assert world.ctx.open_per_key == {}
+    world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
