@@ -71,12 +71,16 @@ def sse_events(raw: bytes) -> list[Any]:
     return out
 
 
-def chat(content: str = "Hi", **extra: Any) -> dict:
-    return {"model": "llama3.2:1b", "messages": [{"role": "user", "content": content}], **extra}
+def chat(content: str = "Hi", model: str = "llama3.2:1b", **extra: Any) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
 
 def error_of(body: bytes) -> dict:
     return json.loads(body)["error"]
+
+
+def usage_of(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def llama_prompt_tokens(state: EmulatorState, content: str) -> int:
@@ -99,7 +103,8 @@ def test_chat_non_stream_shape_and_usage_via_sdk() -> None:
             assert choice.finish_reason == "stop" and choice.message.role == "assistant"
             assert choice.message.content == "alpha beta gamma delta epsilon eta theta lambda mu nu xi pi"
             # 26 = Ollama's llama3.2 template around "Hi"; 12 visible tokens + the counted EOS.
-            assert (res.usage.prompt_tokens, res.usage.completion_tokens, res.usage.total_tokens) == (26, 13, 39)
+            usage = res.usage
+            assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (26, 13, 39)
             assert state.completed == 1
 
     run(go())
@@ -189,7 +194,7 @@ def test_new_stream_format_with_usage() -> None:
             assert len({c["created"] for c in events[:-1]}) == 1
             assert usage_chunk["choices"] == []
             prompt = llama_prompt_tokens(state, "Hi [[emu:reply_tokens=3]]")  # directives are prompt text too
-            assert usage_chunk["usage"] == {"prompt_tokens": prompt, "completion_tokens": 4, "total_tokens": prompt + 4}
+            assert usage_chunk["usage"] == usage_of(prompt, 4)
 
     run(go())
 
@@ -257,7 +262,7 @@ def test_completions_non_stream_and_zeroed_usage_stream_quirk() -> None:
             assert all(c["usage"] == zero for c in chunks)  # Ollama's quirk: zeroed usage on every chunk
             assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "stop"]
             assert usage_chunk["choices"] == []
-            assert usage_chunk["usage"] == {"prompt_tokens": prompt, "completion_tokens": 3, "total_tokens": prompt + 3}
+            assert usage_chunk["usage"] == usage_of(prompt, 3)
 
             status, _, raw = await post(url, "/v1/completions", {"model": "llama3.2:1b", "prompt": ["a"]})
             assert status == 400 and "CompletionRequest.prompt of type string" in error_of(raw)["message"]
@@ -328,11 +333,11 @@ def test_error_catalogue() -> None:
     async def go() -> None:
         async with emulator() as (url, _):
             cases = [
-                (chat() | {"model": "nope"}, 404, "model 'nope' not found", "not_found_error"),
+                (chat(model="nope"), 404, "model 'nope' not found", "not_found_error"),
                 ({"model": "llama3.2:1b", "messages": []}, 400, "[] is too short - 'messages'", None),
                 ({"model": "llama3.2:1b"}, 400, "[] is too short - 'messages'", None),
                 ({"messages": HI}, 400, "model is required", None),
-                (chat() | {"model": "nomic-embed-text"}, 400, '"nomic-embed-text" does not support chat', None),
+                (chat(model="nomic-embed-text"), 400, '"nomic-embed-text" does not support chat', None),
             ]
             for body, status, message, etype in cases:
                 got_status, _, raw = await post(url, "/v1/chat/completions", body)
@@ -368,7 +373,8 @@ def test_images() -> None:
         async with emulator() as (url, _):
             png = "data:image/png;base64," + base64.b64encode(PNG_1PX).decode()
             status, _, raw = await post(url, "/v1/chat/completions", _image_message({"url": png}))
-            no_image = json.loads((await post(url, "/v1/chat/completions", chat() | {"model": "moondream"}))[2])
+            _, _, raw_plain = await post(url, "/v1/chat/completions", chat(model="moondream"))
+            no_image = json.loads(raw_plain)
             assert status == 200
             assert json.loads(raw)["usage"]["prompt_tokens"] == no_image["usage"]["prompt_tokens"] + 729
             status, _, _ = await post(url, "/v1/chat/completions", _image_message(png))  # string shorthand
@@ -395,7 +401,8 @@ def test_host_check() -> None:
     async def go() -> None:
         async with emulator() as (url, state):
             port = url.rsplit(":", 1)[1]
-            status, ctype, raw = await post(url, "/v1/chat/completions", chat(), headers={"Host": "evil.example"})
+            evil = {"Host": "evil.example"}
+            status, ctype, raw = await post(url, "/v1/chat/completions", chat(), headers=evil)
             assert (status, raw, ctype) == (403, b"", None)
             assert state.requests[-1]["headers"]["Host"] == "evil.example"
             for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", "box.internal", "10.1.2.3:11434"):
@@ -448,7 +455,8 @@ def test_faults_busy503_error500_and_directive() -> None:
                 "code": None,
             }
             status, _, raw = await post(url, "/v1/chat/completions", chat("Hi [[emu:fault=error500]]"))
-            assert (status, error_of(raw)["message"]) == (500, "llama runner process has terminated: exit status 2")
+            assert status == 500
+            assert error_of(raw)["message"] == "llama runner process has terminated: exit status 2"
             async with sdk(url) as client:
                 with pytest.raises(openai.InternalServerError):
                     await client.chat.completions.create(
