@@ -239,6 +239,7 @@ class Hold:
     buckets: list  # Bucket objects reserved against
     minute_entries: list  # (SlidingMinute, entry)
     concurrency_keys: list
+    checks: list  # (Check, metric, window) as they stood just before this admission
     state: str = "pending"
 
     @property
@@ -389,7 +390,7 @@ class Limiter:
             self.concurrent[key] = self.concurrent.get(key, 0) + 1
             conc.append(key)
         self.pending += 1
-        return Hold(user_id, model, prompt_tokens, completion_tokens, cost, now, buckets, entries, conc)
+        return Hold(user_id, model, prompt_tokens, completion_tokens, cost, now, buckets, entries, conc, all_checks)
 
     def settle(self, hold: Hold, prompt_tokens: int, completion_tokens: int, cost_nusd: int) -> None:
         """Posts the actual usage in place of the reservation. Exactly once per hold."""

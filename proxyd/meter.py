@@ -122,10 +122,7 @@ class Meter:
             min_completion_tokens=self.min_completion_tokens,
             price=self.prices.price(model),
         )
-        ticket = Ticket(
-            request_id, caller, model, endpoint, stream, hold, time.perf_counter(),
-            self._rate_headers(caller.user.user_id, model, user_limits, model_limits),
-        )
+        ticket = Ticket(request_id, caller, model, endpoint, stream, hold, time.perf_counter(), _rate_headers(hold))
         row = (
             request_id, caller.user.user_id, caller.key_id, model, endpoint, int(stream), "pending",
             day_key(hold.admitted_at), _iso(hold.admitted_at), hold.prompt_tokens, hold.completion_tokens,
@@ -230,24 +227,30 @@ class Meter:
                 )
         return out
 
-    def _rate_headers(self, user_id: str, model: str, user_limits: Limits, model_limits: Limits) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers for the tightest request and token limits (after this admission)."""
-        now = self.limiter.clock()
-        checks = self.limiter.checks(user_id, "*", user_limits, now) + self.limiter.checks(
-            user_id, model, model_limits, now
-        )
-        headers: dict[str, str] = {}
-        for metric, suffix in ((0, "requests"), (1, "tokens")):
-            best = None
-            for c, m, window in checks:
-                if m == metric and window != "concurrent" and (best is None or c.remaining < best.remaining):
-                    best = c
-            if best is not None:
-                headers[f"x-ratelimit-limit-{suffix}"] = str(best.limit)
-                headers[f"x-ratelimit-remaining-{suffix}"] = str(best.remaining)
-                if best.reset_at is not None:
-                    headers[f"x-ratelimit-reset-{suffix}"] = go_duration(max(0.0, best.reset_at - now))
-        return headers
+
+def _rate_headers(hold: Hold) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest request and token limits, after this admission.
+
+    Computed from the checks the admission itself made (no second pass over the windows).
+    """
+    headers: dict[str, str] = {}
+    for metric, suffix, amount in ((0, "requests", 1), (1, "tokens", hold.tokens)):
+        best, best_left, best_window = None, 0, ""
+        for c, m, window in hold.checks:
+            if m != metric or window == "concurrent":
+                continue
+            left = max(0, c.remaining - amount)
+            if best is None or left < best_left:
+                best, best_left, best_window = c, left, window
+        if best is not None:
+            headers[f"x-ratelimit-limit-{suffix}"] = str(best.limit)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(best_left)
+            # Reset = time until the window is fully replenished; for the sliding minute that is 60 s,
+            # since this very request just entered it.
+            reset = 60.0 if best_window == "minute" else (best.reset_at - hold.admitted_at if best.reset_at else None)
+            if reset is not None:
+                headers[f"x-ratelimit-reset-{suffix}"] = go_duration(max(0.0, reset))
+    return headers
 
 
 def _iso(t: float) -> str:
