@@ -54,6 +54,7 @@ class KeyRow:
     user_id: str
     prefix: str
     created_at: str
+    key_hash: str
     revoked_at: str | None = None
 
 
@@ -79,7 +80,9 @@ class Accounts:
             raw = json.loads(r["limits_json"]) if r["limits_json"] else {}
             self.users[r["user_id"]] = User(r["user_id"], r["created_at"], bool(r["disabled"]), parse_overrides(raw))
         for r in keys:
-            self.keys[r["key_id"]] = KeyRow(r["key_id"], r["user_id"], r["prefix"], r["created_at"], r["revoked_at"])
+            self.keys[r["key_id"]] = KeyRow(
+                r["key_id"], r["user_id"], r["prefix"], r["created_at"], r["key_hash"], r["revoked_at"]
+            )
             if r["revoked_at"] is None:
                 self._by_hash[r["key_hash"]] = r["key_id"]
 
@@ -133,8 +136,7 @@ class Accounts:
         except Exception:
             del self.users[user_id]
             raise
-        self.keys[key_id] = KeyRow(key_id, user_id, key[:14], now)
-        self._by_hash[hash_key(key)] = key_id
+        self._remember(KeyRow(key_id, user_id, key[:14], now, hash_key(key)))
         return user, key, key_id
 
     async def add_key(self, user_id: str) -> tuple[str, str]:
@@ -145,8 +147,7 @@ class Accounts:
             "INSERT INTO api_keys (key_id, user_id, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
             (key_id, user_id, hash_key(key), key[:14], now),
         )
-        self.keys[key_id] = KeyRow(key_id, user_id, key[:14], now)
-        self._by_hash[hash_key(key)] = key_id
+        self._remember(KeyRow(key_id, user_id, key[:14], now, hash_key(key)))
         return key, key_id
 
     async def revoke_key(self, key_id: str) -> None:
@@ -156,9 +157,11 @@ class Accounts:
         now = _now()
         await self.store.submit_sql("UPDATE api_keys SET revoked_at=? WHERE key_id=?", (now, key_id))
         row.revoked_at = now
-        for h, kid in list(self._by_hash.items()):
-            if kid == key_id:
-                del self._by_hash[h]
+        del self._by_hash[row.key_hash]
+
+    def _remember(self, row: KeyRow) -> None:
+        self.keys[row.key_id] = row
+        self._by_hash[row.key_hash] = row.key_id
 
     async def set_disabled(self, user_id: str, disabled: bool) -> User:
         user = self.get(user_id)

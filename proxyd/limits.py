@@ -272,6 +272,7 @@ class Limiter:
         self.minutes: dict[tuple[str, str], SlidingMinute] = {}
         self.concurrent: dict[tuple[str, str], int] = {}
         self.pending = 0  # holds not yet ended: 0 whenever the proxy is idle
+        self._today = ""
 
     # -- state loading ---------------------------------------------------------------------
 
@@ -341,6 +342,8 @@ class Limiter:
         the client's contract and is refused instead of silently cut.
         """
         now = self.clock()
+        if day_key(now) != self._today:
+            self._drop_old_periods(now)
         all_checks = self.checks(user_id, "*", user_limits, now) + self.checks(user_id, model, model_limits, now)
         in_price, out_price = price
 
@@ -391,6 +394,14 @@ class Limiter:
             conc.append(key)
         self.pending += 1
         return Hold(user_id, model, prompt_tokens, completion_tokens, cost, now, buckets, entries, conc, all_checks)
+
+    def _drop_old_periods(self, now: float) -> None:
+        """Once a day: forget buckets of past days/months that nothing is reserved against any more,
+        so memory stays bounded by users x models, not by how long the process has run."""
+        self._today = day_key(now)
+        current = {"d" + self._today, "m" + month_key(now), "total"}
+        for key in [k for k, b in self.buckets.items() if k[2] not in current and not any(b.reserved)]:
+            del self.buckets[key]
 
     def settle(self, hold: Hold, prompt_tokens: int, completion_tokens: int, cost_nusd: int) -> None:
         """Posts the actual usage in place of the reservation. Exactly once per hold."""

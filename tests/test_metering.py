@@ -369,3 +369,22 @@ def test_invoice_with_mid_month_price_change(make_world):
     assert admin["data"][0]["total_usd"] == "0.000374000"
     past = world.get("/v1/billing/invoices", key, period="2020-01").json()
     assert past["status"] == "closed" and past["lines"] == []
+
+
+def test_limiter_forgets_past_periods():
+    from proxyd.limits import Limiter
+
+    now = [1_780_000_000.0]
+    lim = Limiter(clock=lambda: now[0])
+    args = dict(user_id="u", model="m", user_limits={}, model_limits={}, prompt_tokens=1, completion_tokens=1,
+                completion_is_default=False, min_completion_tokens=1, price=(0, 0))
+    lim.settle(lim.reserve(**args), 1, 1, 0)
+    open_hold = lim.reserve(**args)  # still running at midnight: its bucket must survive the sweep
+    now[0] += 40 * 86400
+    lim.settle(lim.reserve(**args), 1, 1, 0)
+    periods = {k[2] for k in lim.buckets}
+    assert len(periods) == 5  # the old day and month (still reserved) + the new day, month, total
+    lim.settle(open_hold, 1, 1, 0)
+    now[0] += 86400
+    lim.settle(lim.reserve(**args), 1, 1, 0)
+    assert len({k[2] for k in lim.buckets}) == 3
