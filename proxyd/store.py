@@ -153,7 +153,7 @@ class Store:
             results = [(False, exc)] * len(batch)
         self.last_commit_s = time.perf_counter() - started
         self.commits += 1
-        for (ok, value), (_op, fut, loop) in zip(results, batch):
+        for (ok, value), (_op, fut, loop) in zip(results, batch, strict=True):
             loop.call_soon_threadsafe(_resolve, fut, ok, value, self)
 
     # -- reading --------------------------------------------------------------------------------

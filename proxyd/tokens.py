@@ -130,7 +130,7 @@ class TokenCounter:
         total = t.base
         turns = 0
         systems = 0
-        for role, n in zip(roles, counts):
+        for role, n in zip(roles, counts, strict=True):
             if role in ("system", "developer"):
                 if t.system_counts:
                     total += n + (t.system_join if systems else 0)

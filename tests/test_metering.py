@@ -1,7 +1,6 @@
 """Estimate, reserve, settle; the ledger; limits and refusals; usage, limits and invoice APIs (issue #3)."""
 
 import asyncio
-import json
 import time
 
 import httpx
@@ -362,7 +361,7 @@ def test_invoice_with_mid_month_price_change(make_world):
     inv = world.get("/v1/billing/invoices", key, period=period).json()
     assert inv["status"] == "open" and len(inv["lines"]) == 2
     # Each request: 26 prompt + 4 completion tokens (cut by max_tokens).
-    costs = sorted(l["cost_usd"] for l in inv["lines"])
+    costs = sorted(line["cost_usd"] for line in inv["lines"])
     assert costs == ["0.000034000", "0.000340000"]  # 26*1+4*2 = 34 micro-USD; then 340
     assert inv["total_usd"] == "0.000374000"
     admin = world.admin("GET", f"/admin/invoices?period={period}").json()
