@@ -137,3 +137,28 @@ def test_sigterm_drains_streams_and_exits_0(tmp_path, emulator):
 
     conn = sqlite3.connect(tmp_path / "ledger.db")
     assert conn.execute("SELECT status, completion_tokens FROM requests").fetchall() == [("settled", 41)]
+
+
+def test_admin_api_on_its_own_port(tmp_path, emulator):
+    port, admin_port = free_port(), free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"logging:\n  access_log: false\nadmin:\n  port: {admin_port}\n  address: 127.0.0.1\n")
+    env = {**os.environ, "PROXYD_PORT": str(port), "PROXYD_UPSTREAM": emulator,
+           "PROXYD_DB": str(tmp_path / "ledger.db"), "PROXYD_ADMIN_TOKEN": ADMIN, "PROXYD_CONFIG": str(cfg)}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        hdr = {"Authorization": f"Bearer {ADMIN}"}
+        r = httpx.post(f"http://127.0.0.1:{port}/admin/users", json={"user_id": "a"}, headers=hdr)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"  # not on the users' port
+        key = new_key(f"http://127.0.0.1:{admin_port}", "a")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "llama3.2:1b", "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200
+        r = httpx.post(f"http://127.0.0.1:{admin_port}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "llama3.2:1b", "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 404  # and no model API on the admin port
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
