@@ -108,3 +108,20 @@ def test_open_requests_per_key_are_capped(make_world):
     assert sum(isinstance(r, openai.RateLimitError) for r in res) == 2
     assert world.ctx.open_per_key == {}
     world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+
+
+def test_keys_hashed_at_rest_and_never_logged(make_world, caplog, tmp_path):
+    import logging
+    import sqlite3
+
+    world = make_world(config={"logging.access_log": True})
+    with caplog.at_level(logging.INFO, logger="proxyd.access"):
+        key = world.new_user("alice")
+        world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+        httpx.get(world.url + "/v1/models", headers={"Authorization": "Bearer sk-proxyd-guess"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxyd.access"]
+    assert any('"key_id":"key_' in line and '"user_id":"alice"' in line for line in lines)
+    assert not any(key in line or "sk-proxyd-guess" in line for line in lines)
+    world.settle_all()
+    dump = "\n".join(sqlite3.connect(world.db_path).iterdump())
+    assert key not in dump and key[len("sk-proxyd-"):] not in dump
