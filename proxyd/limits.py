@@ -28,6 +28,7 @@ from typing import Any, Callable
 from .errors import InvalidRequest, QuotaExceeded, RateLimited
 
 NANO = 10**9
+MAX_USD = Decimal(10**12)
 
 # name -> (metric index into an amount [requests, tokens, cost], window)
 LIMIT_FIELDS: dict[str, tuple[int, str]] = {
@@ -88,7 +89,9 @@ def _parse_amount(name: str, value: Any, where: str) -> int | None:
             raise InvalidRequest(f"{where} must be a number or null", param=where) from None
         if not usd.is_finite() or usd < 0:
             raise InvalidRequest(f"{where} must be >= 0", param=where)
-        return int(usd * NANO)
+        if usd > MAX_USD:
+            raise InvalidRequest(f"{where} must be at most {MAX_USD}", param=where)
+        return int(usd.scaleb(9))
     if isinstance(value, str) or (isinstance(value, float) and not value.is_integer()):
         raise InvalidRequest(f"{where} must be a whole number or null", param=where)
     if value < 0:
@@ -124,7 +127,8 @@ def to_api(limits: Limits) -> dict[str, Any]:
 
 
 def usd_str(nusd: int) -> str:
-    return format((Decimal(nusd) / NANO).quantize(Decimal("0.000000001")), "f")
+    whole, frac = divmod(abs(nusd), NANO)
+    return f"{'-' if nusd < 0 else ''}{whole}.{frac:09d}"
 
 
 # -- periods ---------------------------------------------------------------------------------------

@@ -11,22 +11,23 @@ DONE = b"[DONE]"
 
 
 class SSEParser:
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_cr")
 
     def __init__(self) -> None:
         self._buf = b""
+        self._cr = False  # the last byte seen was a CR: an LF right after it belongs to it
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Adds bytes; returns the data payload of every event completed by them, in order."""
+        if self._cr and chunk:
+            self._cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        if chunk.endswith(b"\r"):
+            self._cr = True
         buf = self._buf + chunk
         if b"\r" in buf:
-            # Normalise CRLF and CR to LF, but keep a trailing CR: its LF may be in the next chunk.
-            keep = buf.endswith(b"\r")
-            if keep:
-                buf = buf[:-1]
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if keep:
-                buf += b"\r"
         *blocks, self._buf = buf.split(b"\n\n")
         out = []
         for block in blocks:

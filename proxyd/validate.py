@@ -10,6 +10,8 @@ from typing import Any
 
 from .errors import InvalidRequest
 
+MAX_TOKENS_CAP = 2**31 - 1  # any real context is far smaller; larger values cannot be stored (SQLite int64)
+
 
 def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
@@ -39,6 +41,8 @@ def _positive_int(body: dict[str, Any], name: str) -> int | None:
         raise InvalidRequest(f"'{name}' must be an integer", param=name)
     if value < 1:
         raise InvalidRequest(f"'{name}' must be at least 1", param=name)
+    if value > MAX_TOKENS_CAP:
+        raise InvalidRequest(f"'{name}' must be at most {MAX_TOKENS_CAP}", param=name)
     return value
 
 
@@ -84,6 +88,15 @@ def chat(body: dict[str, Any]) -> tuple[str, bool, bool]:
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages[{i}]")
         if not isinstance(msg.get("role"), str):
             raise InvalidRequest(f"messages[{i}].role must be a string", param=f"messages[{i}].role")
+        tool_calls = msg.get("tool_calls")
+        if tool_calls is not None and (
+            not isinstance(tool_calls, list)
+            or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in tool_calls)
+        ):
+            raise InvalidRequest(
+                f"messages[{i}].tool_calls must be an array of {{type, function: {{name, arguments}}}} objects",
+                param=f"messages[{i}].tool_calls",
+            )
         content = msg.get("content")
         if content is None:
             if not msg.get("tool_calls"):

@@ -125,3 +125,6 @@ def test_keys_hashed_at_rest_and_never_logged(make_world, caplog, tmp_path):
     world.settle_all()
     dump = "\n".join(sqlite3.connect(world.db_path).iterdump())
     assert key not in dump and key[len("sk-proxyd-"):] not in dump
+def test_openapi_document_is_served(world):
+    r = httpx.get(world.url + "/openapi.yaml")
+    assert r.status_code == 200 and b"openapi" in r.content

@@ -40,7 +40,7 @@ class UsersHandler(AdminHandler):
     async def post(self) -> None:
         body = self.json_body()
         user_id = body.get("user_id")
-        if not isinstance(user_id, str) or not USER_ID.match(user_id):
+        if not isinstance(user_id, str) or not USER_ID.fullmatch(user_id):
             raise InvalidRequest("'user_id' must be 1-128 characters of letters, digits, _ . @ -", param="user_id")
         unknown = set(body) - {"user_id", "limits"}
         if unknown:

@@ -107,6 +107,11 @@ class BaseHandler(tornado.web.RequestHandler):
             raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise InvalidRequest("Request body must be a JSON object.")
+        if b"\\ud" in raw or b"\\uD" in raw:  # a \\uXXXX escape of a lone surrogate is not Unicode text
+            try:
+                json.dumps(body, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest("Request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).") from None
         return body
 
     # -- auth ----------------------------------------------------------------------------------------
@@ -169,7 +174,18 @@ class BaseHandler(tornado.web.RequestHandler):
         else:
             super().log_exception(typ, value, tb)
 
+    def on_connection_close(self) -> None:
+        if not self.request._body_future.done():
+            # The client left while sending its body: Tornado abandons the request without finish(),
+            # so on_finish will never run; release what prepare() took now.
+            self._release()
+        super().on_connection_close()
+
     def on_finish(self) -> None:
+        self._release()
+        self.ctx.access_log(self)
+
+    def _release(self) -> None:
         if getattr(self, "_counted", False):
             self._counted = False
             self.ctx.in_flight -= 1
@@ -180,7 +196,6 @@ class BaseHandler(tornado.web.RequestHandler):
             else:
                 del self.ctx.open_per_key[self._key_slot]
             self._key_slot = None
-        self.ctx.access_log(self)
 
 
 def _from_http_error(status: int, message: str | None) -> ProxyError:

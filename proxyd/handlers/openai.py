@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
 from tornado.iostream import StreamClosedError
 
@@ -52,8 +53,9 @@ class ProxyHandler(BaseHandler):
     def on_connection_close(self) -> None:
         # The client went away while we wait on Ollama: drop the upstream connection so Ollama stops
         # generating; the relay sees the abort and settles what was delivered.
+        super().on_connection_close()
         self._client_gone = True
-        if self._upstream_resp is not None:
+        if getattr(self, "_upstream_resp", None) is not None:
             self._upstream_resp.abort()
 
     # -- the path ------------------------------------------------------------------------------------
@@ -309,6 +311,10 @@ def upstream_error(status: int, raw: bytes) -> ProxyError:
     except (ValueError, KeyError, TypeError):
         text = raw.decode("utf-8", "replace").strip()[:300]
         message = f"Upstream returned HTTP {status}" + (f": {text}" if text else " with an empty body.")
+    if status == 500 and "missing data required for image input" in message:
+        # Ollama's answer to an image sent to a model without vision: the client's mistake, not a crash.
+        return UpstreamError("This model does not accept images (" + message + ").", status=400,
+                             type="invalid_request_error", param="messages")
     return UpstreamError(message, status=status, type=kind, code=code, param=param, headers=headers)
 
 
@@ -382,7 +388,7 @@ class ModelsHandler(BaseHandler):
         self.authenticate_user()
 
     async def get(self, model: str | None = None) -> None:
-        path = "/v1/models" + (f"/{model}" if model else "")
+        path = "/v1/models" + (f"/{quote(model, safe=':/@')}" if model else "")
         resp = await self.ctx.upstream.request("GET", path)
         raw = await resp.read()
         if resp.status != 200:
