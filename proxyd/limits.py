@@ -134,22 +134,39 @@ def usd_str(nusd: int) -> str:
 # -- periods ---------------------------------------------------------------------------------------
 
 
+_CAL: tuple = (None, None)  # (whole second, (day key, month key, day end, month end)), swapped atomically
+
+
+def _calendar(t: float) -> tuple:
+    """Day/month keys and period ends of the UTC second containing t, computed once per second."""
+    global _CAL
+    s = int(t // 1)
+    cached = _CAL
+    if cached[0] == s:
+        return cached[1]
+    g = time.gmtime(s)
+    day_end = calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0)) + 86400
+    year, month = (g.tm_year + 1, 1) if g.tm_mon == 12 else (g.tm_year, g.tm_mon + 1)
+    values = (f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}", f"{g.tm_year:04d}-{g.tm_mon:02d}",
+              day_end, calendar.timegm((year, month, 1, 0, 0, 0)))
+    _CAL = (s, values)
+    return values
+
+
 def day_key(t: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(t))
+    return _calendar(t)[0]
 
 
 def month_key(t: float) -> str:
-    return time.strftime("%Y-%m", time.gmtime(t))
+    return _calendar(t)[1]
 
 
 def period_end(window: str, t: float) -> float | None:
     """When the calendar period containing t ends (UTC), or None for total."""
-    g = time.gmtime(t)
     if window == "day":
-        return calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0)) + 86400
+        return _calendar(t)[2]
     if window == "month":
-        year, month = (g.tm_year + 1, 1) if g.tm_mon == 12 else (g.tm_year, g.tm_mon + 1)
-        return calendar.timegm((year, month, 1, 0, 0, 0))
+        return _calendar(t)[3]
     return None
 
 

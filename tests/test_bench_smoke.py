@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark (load/bench.py): it runs end to end and its JSON has the figures.
+
+No timing assertions: this only proves that the emulator, the proxy (accounting on) and the forwarder
+start, that every phase runs and that the results are written. The real numbers come from a full run
+(``python -m load.bench``) on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_runs_and_writes_results(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "load.bench", "--quick", "--soak", "3", "--quiet", "--json", str(out)],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert proc.returncode == 0, f"bench failed:\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    res = json.loads(out.read_text())
+
+    summary = res["throughput"]["summary"]
+    for target in ("proxy", "forwarder", "emulator"):
+        assert summary[target]["rps"] > 0, (target, summary[target])
+    assert summary["forwarder"]["errors"] == 0, summary["forwarder"]
+    assert summary["emulator"]["errors"] == 0, summary["emulator"]
+    assert summary["proxy"]["errors"] == 0, summary["proxy"]
+
+    stream = res["stream"]["summary"]
+    for per_level in stream.values():
+        for target in ("proxy", "forwarder"):
+            assert per_level[target]["ok"] > 0 and per_level[target]["errors"] == 0, (target, per_level[target])
+
+    iso = res["isolation"]["summary"]
+    assert iso["proxy"]["errors"] == 0 and iso["forwarder"]["errors"] == 0, iso
+
+    soak = res["soak"]
+    assert soak["ok"] > 0 and soak["unexpected_errors"] == 0, soak["unexpected_errors_by_kind"]
+    assert soak["ledger_check"]["ok"] is True, soak["ledger_check"]
+    assert soak["start"]["rss_kb"] and soak["end"]["rss_kb"]
+
+    for label, check in res["ledger_check"].items():
+        assert check["ok"] is True, (label, check)
