@@ -11,6 +11,7 @@ class Metrics:
     def __init__(self, *, per_user_labels: bool = False) -> None:
         self.registry = r = CollectorRegistry()
         self.per_user = per_user_labels
+        self._children: dict[tuple, tuple] = {}
         self.requests = Counter("proxyd_requests", "Requests answered", ["route", "status", "model"], registry=r)
         token_labels = ["model", "kind"] + (["user"] if per_user_labels else [])
         self.tokens = Counter("proxyd_tokens", "Tokens settled", token_labels, registry=r)
@@ -43,8 +44,13 @@ class Metrics:
         self.voided_total.labels(ticket.model).inc()
 
     def observe_request(self, route: str, status: int, model: str, seconds: float) -> None:
-        self.requests.labels(route, str(status), model).inc()
-        self.latency.labels(route).observe(seconds)
+        # labels() costs a lock and a dict build per call; the children are cached by their key.
+        key = (route, status, model)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(route, str(status), model), self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -138,9 +138,8 @@ class ProxyHandler(BaseHandler):
             raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
         outcome.usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else None
         self.collect_text(doc, outcome)
-        doc["id"] = self.id_prefix + self.request_id[4:]
         await self.ctx.meter.settle(ticket, await self.usage_of(ticket, outcome))
-        self.send_json(doc)
+        self.finish(with_our_id(raw, doc, (self.id_prefix + self.request_id[4:]).encode()))
 
     # -- stream -------------------------------------------------------------------------------------------
 
@@ -205,10 +204,7 @@ class ProxyHandler(BaseHandler):
             del doc["usage"]
             doc["id"] = our_id.decode()
             return json.dumps(doc, separators=(",", ":")).encode()
-        upstream_id = doc.get("id")
-        if isinstance(upstream_id, str):
-            return data.replace(b'"id":"' + upstream_id.encode() + b'"', b'"id":"' + our_id + b'"', 1)
-        return data
+        return with_our_id(data, doc, our_id)
 
     async def send(self, data: bytes) -> None:
         """Writes and waits for the client to take it (backpressure); raises ClientGone."""
@@ -294,6 +290,19 @@ class ProxyHandler(BaseHandler):
             self.write_error(status_code, **kwargs)  # mid-stream: error event, see write_error
             return
         super().send_error(status_code, **kwargs)
+
+
+def with_our_id(raw: bytes, doc: dict[str, Any], our_id: bytes) -> bytes:
+    """The upstream JSON with its id replaced by proxyd's (Ollama's ids repeat): a byte replacement of
+    the compact `"id":"..."` Ollama writes, re-serialising only when the text is laid out otherwise."""
+    upstream_id = doc.get("id")
+    if not isinstance(upstream_id, str):
+        return raw
+    old = b'"id":"' + upstream_id.encode() + b'"'
+    if old in raw:
+        return raw.replace(old, b'"id":"' + our_id + b'"', 1)
+    doc["id"] = our_id.decode()
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def upstream_error(status: int, raw: bytes) -> ProxyError:
