@@ -63,6 +63,13 @@ SETTINGS: tuple[Setting, ...] = (
         "FULL also survives power loss at a few ms per group commit.",
     ),
     Setting("database.batch_max", int, 512, "Most ledger writes grouped into one commit."),
+    Setting(
+        "database.pending_row_after_s",
+        float,
+        1.0,
+        "A request still running after this long gets a 'pending' ledger row (expired at the next start "
+        "if the process dies); faster requests are written once, when they end. 0 = always write it.",
+    ),
     # -- admin ---------------------------------------------------------------------------------
     Setting("admin.token", str, None, "Bearer token of the admin API (env PROXYD_ADMIN_TOKEN).", optional=True),
     Setting("admin.address", str, None, "Serve the admin API on its own address (with admin.port).", optional=True),

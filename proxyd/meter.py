@@ -1,18 +1,20 @@
 """Metering: admit (reserve) a request, then settle it with its actual usage or void it. Exactly once.
 
-    ticket = meter.admit(...)          # limits checked and reserved in memory; a 'pending' row queued
+    ticket = meter.admit(...)          # limits checked and reserved in memory
     ...forward, relay...
     await meter.settle(ticket, usage)  # memory posted; row + daily aggregate committed (awaited)
-    or meter.void(ticket, ...)         # memory released; row marked voided
+    or meter.void(ticket, ...)         # memory released; row written as voided
 
-The pending row is queued but not awaited: it costs the request no latency, and the writer commits
-it before the settle that follows it in the same queue. If the process dies in between, the row is
-found 'pending' at the next start and marked 'expired' (its in-memory reservation died with the
-process). The settle *is* awaited, so usage is durable before the response's last byte.
+A request still running after ``pending_row_after_s`` gets a 'pending' row (queued, not awaited). If
+the process dies, that row is found at the next start and marked 'expired' (its in-memory reservation
+died with the process). Requests that end sooner — nearly all of them — are written once, when they
+end: measured, the extra write per request cost about 12% of the proxy's CPU per request. The settle
+*is* awaited, so usage is durable before the response's last byte.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class Ticket:
     hold: Hold
     started: float  # perf_counter, for latency
     headers: dict[str, str]  # x-ratelimit-* for the response
+    pending_timer: Any = None  # asyncio.TimerHandle until the pending row is written
 
     @property
     def prompt_tokens(self) -> int:
@@ -68,6 +71,7 @@ class Meter:
         prices: PriceTable,
         config_limits: dict[str, Any],
         min_completion_tokens: int,
+        pending_row_after_s: float = 1.0,
         metrics: Any = None,
     ) -> None:
         self.limiter = limiter
@@ -77,6 +81,7 @@ class Meter:
         self.model_defaults: dict[str, Limits] = config_limits.get("models", {})
         self.user_config: dict[str, Limits] = config_limits.get("users", {})
         self.min_completion_tokens = min_completion_tokens
+        self.pending_row_after_s = pending_row_after_s
         self.metrics = metrics
 
     # -- limits in force -------------------------------------------------------------------------
@@ -123,43 +128,38 @@ class Meter:
             price=self.prices.price(model),
         )
         ticket = Ticket(request_id, caller, model, endpoint, stream, hold, time.perf_counter(), _rate_headers(hold))
-        row = (
-            request_id, caller.user.user_id, caller.key_id, model, endpoint, int(stream), "pending",
-            day_key(hold.admitted_at), _iso(hold.admitted_at), hold.prompt_tokens, hold.completion_tokens,
-        )
-        fut = self.store.submit(
-            lambda c: c.execute(
-                "INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at,"
-                " reserved_prompt, reserved_completion) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                row,
-            )
-        )
-        fut.add_done_callback(_log_failure)
+        if self.pending_row_after_s > 0:
+            loop = asyncio.get_running_loop()
+            ticket.pending_timer = loop.call_later(self.pending_row_after_s, self._write_pending, ticket)
+        else:
+            self._write_pending(ticket)
         return ticket
+
+    def _write_pending(self, ticket: Ticket) -> None:
+        """The 'pending' row of a request still running: what a crash leaves behind to be expired."""
+        ticket.pending_timer = None
+        fut = self.store.submit(lambda c: c.execute(_UPSERT, _row(ticket, "pending")))
+        fut.add_done_callback(_log_failure)
+
+    def _final_row(self, ticket: Ticket) -> None:
+        if ticket.pending_timer is not None:  # finished before its pending row was due: one write only
+            ticket.pending_timer.cancel()
+            ticket.pending_timer = None
 
     async def settle(self, ticket: Ticket, usage: Usage, *, http_status: int = 200) -> None:
         """Posts actual usage; returns once the ledger row and the daily aggregate are committed."""
+        self._final_row(ticket)
         in_price, out_price = self.prices.price(ticket.model)
         cost = cost_nusd(usage.prompt_tokens, usage.completion_tokens, (in_price, out_price))
         self.limiter.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
         if self.metrics:
             self.metrics.settled(ticket, usage)
-        now = time.time()
-        latency_ms = int((time.perf_counter() - ticket.started) * 1000)
-        user_id, day = ticket.caller.user.user_id, day_key(ticket.hold.admitted_at)
-        row = (
-            http_status, _iso(now), latency_ms, usage.prompt_tokens, usage.completion_tokens, usage.source,
-            in_price, out_price, cost, ticket.request_id,
-        )
-        daily = (user_id, ticket.model, day, usage.prompt_tokens, usage.completion_tokens, cost)
+        row = _row(ticket, "settled", http_status=http_status, usage=usage, price=(in_price, out_price), cost=cost)
+        daily = (ticket.caller.user.user_id, ticket.model, day_key(ticket.hold.admitted_at),
+                 usage.prompt_tokens, usage.completion_tokens, cost)
 
         def op(conn):
-            conn.execute(
-                "UPDATE requests SET status='settled', http_status=?, finished_at=?, latency_ms=?, prompt_tokens=?,"
-                " completion_tokens=?, usage_source=?, input_price_nusd_per_mtok=?, output_price_nusd_per_mtok=?,"
-                " cost_nusd=? WHERE id=?",
-                row,
-            )
+            conn.execute(_UPSERT, row)
             conn.execute(
                 "INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)"
                 " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (user_id, model, day) DO UPDATE SET"
@@ -173,14 +173,12 @@ class Meter:
 
     def void(self, ticket: Ticket, *, http_status: int, error: str) -> None:
         """Releases the reservation; the row records why. Nothing is billed."""
+        self._final_row(ticket)
         self.limiter.void(ticket.hold)
         if self.metrics:
             self.metrics.voided(ticket)
-        latency_ms = int((time.perf_counter() - ticket.started) * 1000)
-        fut = self.store.submit_sql(
-            "UPDATE requests SET status='voided', http_status=?, finished_at=?, latency_ms=?, error=? WHERE id=?",
-            (http_status, _iso(time.time()), latency_ms, error[:500], ticket.request_id),
-        )
+        row = _row(ticket, "voided", http_status=http_status, error=error[:500])
+        fut = self.store.submit(lambda c: c.execute(_UPSERT, row))
         fut.add_done_callback(_log_failure)
 
     # -- load and report -------------------------------------------------------------------------
@@ -251,6 +249,37 @@ def _rate_headers(hold: Hold) -> dict[str, str]:
             if reset is not None:
                 headers[f"x-ratelimit-reset-{suffix}"] = go_duration(max(0.0, reset))
     return headers
+
+
+# One statement writes a request's row whatever it held before: the first write (pending, or the final
+# row of a request that ended before its pending row was due) inserts, a later one updates.
+_UPSERT = (
+    "INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at,"
+    " reserved_prompt, reserved_completion, http_status, finished_at, latency_ms, prompt_tokens,"
+    " completion_tokens, usage_source, input_price_nusd_per_mtok, output_price_nusd_per_mtok, cost_nusd, error)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET"
+    " status=excluded.status, http_status=excluded.http_status, finished_at=excluded.finished_at,"
+    " latency_ms=excluded.latency_ms, prompt_tokens=excluded.prompt_tokens,"
+    " completion_tokens=excluded.completion_tokens, usage_source=excluded.usage_source,"
+    " input_price_nusd_per_mtok=excluded.input_price_nusd_per_mtok,"
+    " output_price_nusd_per_mtok=excluded.output_price_nusd_per_mtok, cost_nusd=excluded.cost_nusd,"
+    " error=excluded.error"
+)
+
+
+def _row(ticket: Ticket, status: str, *, http_status: int | None = None, usage: Usage | None = None,
+         price: tuple[int, int] | None = None, cost: int | None = None, error: str | None = None) -> tuple:
+    hold = ticket.hold
+    ended = status != "pending"
+    return (
+        ticket.request_id, ticket.caller.user.user_id, ticket.caller.key_id, ticket.model, ticket.endpoint,
+        int(ticket.stream), status, day_key(hold.admitted_at), _iso(hold.admitted_at),
+        hold.prompt_tokens, hold.completion_tokens, http_status,
+        _iso(time.time()) if ended else None,
+        int((time.perf_counter() - ticket.started) * 1000) if ended else None,
+        usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None,
+        usage.source if usage else None, price[0] if price else None, price[1] if price else None, cost, error,
+    )
 
 
 def _iso(t: float) -> str:

@@ -131,6 +131,7 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
         prices=prices,
         config_limits=config_limits,
         min_completion_tokens=config["estimate.min_completion_tokens"],
+        pending_row_after_s=config["database.pending_row_after_s"],
         metrics=metrics,
     )
     meter.load_usage()

@@ -387,3 +387,22 @@ def test_limiter_forgets_past_periods():
     now[0] += 86400
     lim.settle(lim.reserve(**args), 1, 1, 0)
     assert len({k[2] for k in lim.buckets}) == 3
+
+
+def test_long_request_has_a_pending_row_until_it_ends(make_world):
+    world = make_world(config={"database.pending_row_after_s": 0.1}, emulator={"token_delay_s": 0.05})
+    key = world.new_user("alice")
+    stream = world.client(key).chat.completions.create(
+        model="llama3.2:1b", messages=[{"role": "user", "content": "[[emu:reply_tokens=12]] go"}], stream=True)
+    next(iter(stream))
+    import time as _t
+    _t.sleep(0.3)
+    assert world.rows("SELECT status FROM requests") == [("pending",)]
+    for _ in stream:
+        pass
+    world.settle_all()
+    assert world.rows("SELECT status, completion_tokens FROM requests") == [("settled", 13)]
+    # a quick request ends before its pending row is due: written once, settled
+    world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    world.settle_all()
+    assert world.rows("SELECT COUNT(*) FROM requests WHERE status='settled'") == [(2,)]

@@ -48,7 +48,8 @@ def emulator():
 
 def start_proxy(tmp_path, upstream: str, port: int) -> subprocess.Popen:
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("logging:\n  access_log: false\nserver:\n  shutdown_grace_s: 10\n")
+    # pending_row_after_s 0: every request gets its pending row, so a crash leaves some to expire
+    cfg.write_text("logging:\n  access_log: false\nserver:\n  shutdown_grace_s: 10\ndatabase:\n  pending_row_after_s: 0\n")
     env = {**os.environ, "PROXYD_PORT": str(port), "PROXYD_UPSTREAM": upstream,
            "PROXYD_DB": str(tmp_path / "ledger.db"), "PROXYD_ADMIN_TOKEN": ADMIN, "PROXYD_CONFIG": str(cfg)}
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
