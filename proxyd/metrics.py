@@ -23,10 +23,17 @@ class Metrics:
             buckets=(-100, -20, -5, -1, 0, 1, 5, 20, 100),
             registry=r,
         )
+        self.ttfb = Histogram(
+            "proxyd_upstream_first_byte_seconds", "Time until Ollama's response headers (first byte)", ["endpoint"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 300), registry=r,
+        )
         self.latency = Histogram(
             "proxyd_request_seconds", "Request latency as seen by proxyd", ["route"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
         )
+
+    def upstream_first_byte(self, endpoint: str, seconds: float) -> None:
+        self.ttfb.labels(endpoint).observe(seconds)
 
     def bind(self, *, in_flight: Callable[[], int], queue_depth: Callable[[], int], commit_s: Callable[[], float]) -> None:
         Gauge("proxyd_reservations_in_flight", "Reservations pending", registry=self.registry).set_function(in_flight)

@@ -128,3 +128,17 @@ def test_keys_hashed_at_rest_and_never_logged(make_world, caplog, tmp_path):
 def test_openapi_document_is_served(world):
     r = httpx.get(world.url + "/openapi.yaml")
     assert r.status_code == 200 and b"openapi" in r.content
+
+
+def test_huge_upstream_answer_is_502_and_voided(make_world):
+    # max_tokens caps what Ollama sends, so allow a big default budget for this one
+    world = make_world(config={"upstream.max_response_bytes": 100_000, "estimate.default_max_tokens": 100_000})
+    key = world.new_user("alice")
+    world.emu.add_fault("huge:300000")
+    with pytest.raises(openai.APIStatusError) as e:
+        world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.status_code == 502 and "larger than" in e.value.message
+    world.settle_all()
+    assert world.rows("SELECT status FROM requests") == [("voided",)]
+    world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)  # still serving
+    assert "proxyd_upstream_first_byte_seconds_bucket" in httpx.get(world.url + "/metrics").text

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -111,7 +112,10 @@ class ProxyHandler(BaseHandler):
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
 
     async def open_upstream(self, body: dict[str, Any]):
+        started = time.perf_counter()
         resp = await self.ctx.upstream.request("POST", self.upstream_path, body)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.upstream_first_byte(self.endpoint, time.perf_counter() - started)
         self._upstream_resp = resp
         if self._client_gone:
             resp.abort()
