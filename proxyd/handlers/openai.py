@@ -29,15 +29,14 @@ log = logging.getLogger("proxyd.proxy")
 
 
 class Outcome:
-    """What happened on the wire, for settling: reported usage, text relayed, whether anything was."""
+    """What happened on the wire, for settling: reported usage, the text relayed, whether anything was."""
 
-    __slots__ = ("usage", "texts", "delivered", "finish_reason")
+    __slots__ = ("usage", "texts", "delivered")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None
         self.texts: list[str] = []
         self.delivered = False
-        self.finish_reason: str | None = None
 
 
 class ProxyHandler(BaseHandler):
@@ -228,8 +227,6 @@ class ProxyHandler(BaseHandler):
         for choice in doc.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
-            if choice.get("finish_reason"):
-                outcome.finish_reason = choice["finish_reason"]
             part = choice.get("delta") or choice.get("message")
             if isinstance(part, dict):
                 for key in ("content", "reasoning", "reasoning_content"):
