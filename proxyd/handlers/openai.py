@@ -111,6 +111,8 @@ class ProxyHandler(BaseHandler):
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
 
     async def open_upstream(self, body: dict[str, Any]):
+        if self._client_gone:  # left while images were fetched or the prompt counted: nothing to do, void
+            raise ClientGone()
         started = time.perf_counter()
         resp = await self.ctx.upstream.request("POST", self.upstream_path, body)
         if self.ctx.metrics is not None:
