@@ -138,7 +138,7 @@ class Meter:
     def _write_pending(self, ticket: Ticket) -> None:
         """The 'pending' row of a request still running: what a crash leaves behind to be expired."""
         ticket.pending_timer = None
-        fut = self.store.submit(lambda c: c.execute(_UPSERT, _row(ticket, "pending")))
+        fut = self.store.submit([(_UPSERT, _row(ticket, "pending"))])
         fut.add_done_callback(_log_failure)
 
     def _final_row(self, ticket: Ticket) -> None:
@@ -158,18 +158,7 @@ class Meter:
         daily = (ticket.caller.user.user_id, ticket.model, day_key(ticket.hold.admitted_at),
                  usage.prompt_tokens, usage.completion_tokens, cost)
 
-        def op(conn):
-            conn.execute(_UPSERT, row)
-            conn.execute(
-                "INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)"
-                " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (user_id, model, day) DO UPDATE SET"
-                " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-                " completion_tokens = completion_tokens + excluded.completion_tokens,"
-                " cost_nusd = cost_nusd + excluded.cost_nusd",
-                daily,
-            )
-
-        await self.store.submit(op)
+        await self.store.submit([(_UPSERT, row), (_DAILY, daily)])
 
     def void(self, ticket: Ticket, *, http_status: int, error: str) -> None:
         """Releases the reservation; the row records why. Nothing is billed."""
@@ -178,7 +167,7 @@ class Meter:
         if self.metrics:
             self.metrics.voided(ticket)
         row = _row(ticket, "voided", http_status=http_status, error=error[:500])
-        fut = self.store.submit(lambda c: c.execute(_UPSERT, row))
+        fut = self.store.submit([(_UPSERT, row)])
         fut.add_done_callback(_log_failure)
 
     # -- load and report -------------------------------------------------------------------------
@@ -264,6 +253,15 @@ _UPSERT = (
     " input_price_nusd_per_mtok=excluded.input_price_nusd_per_mtok,"
     " output_price_nusd_per_mtok=excluded.output_price_nusd_per_mtok, cost_nusd=excluded.cost_nusd,"
     " error=excluded.error"
+)
+
+
+_DAILY = (
+    "INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)"
+    " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (user_id, model, day) DO UPDATE SET"
+    " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+    " completion_tokens = completion_tokens + excluded.completion_tokens,"
+    " cost_nusd = cost_nusd + excluded.cost_nusd"
 )
 
 

@@ -33,7 +33,8 @@ from .migrations import migrations
 
 log = logging.getLogger("proxyd.store")
 
-Op = Callable[[sqlite3.Connection], Any]
+# An op: a callable(conn), or a list of (sql, params) statements (grouped into executemany calls).
+Op = Callable[[sqlite3.Connection], Any] | list
 _STOP = object()
 
 
@@ -150,7 +151,7 @@ class Store:
             # statements, fewer GIL hand-offs with the event loop). If any write fails, roll back and
             # redo the batch with a savepoint per write so that the bad one fails alone.
             conn.execute("BEGIN IMMEDIATE")
-            results = [(True, op(conn)) for op, _fut, _loop in batch]
+            results = _run_grouped(conn, batch)
             conn.execute("COMMIT")
         except Exception:
             try:
@@ -173,7 +174,7 @@ class Store:
             for op, _fut, _loop in batch:
                 conn.execute("SAVEPOINT op")
                 try:
-                    results.append((True, op(conn)))
+                    results.append((True, _run_one(conn, op)))
                     conn.execute("RELEASE op")
                 except Exception as exc:  # one bad write fails alone
                     conn.execute("ROLLBACK TO op")
@@ -199,6 +200,36 @@ class Store:
     def read_now(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Synchronous read, for start-up only (before the loop serves anyone)."""
         return fn(self._read_conn)
+
+
+def _run_one(conn: sqlite3.Connection, op: Any) -> Any:
+    """An op is a callable(conn) or a list of (sql, params) statements."""
+    if isinstance(op, list):
+        for sql, params in op:
+            conn.execute(sql, params)
+        return None
+    return op(conn)
+
+
+def _run_grouped(conn: sqlite3.Connection, batch: list) -> list:
+    """Runs a batch in order, but each run of statement-list ops as one executemany per SQL text:
+    far fewer Python-level calls in the writer thread (which competes with the event loop for the GIL).
+    Rows of one SQL keep their order, so a request's pending row still precedes its final row."""
+    results: list[tuple[bool, Any]] = []
+    groups: dict[str, list] = {}
+    for op, _fut, _loop in batch:
+        if isinstance(op, list):
+            for sql, params in op:
+                groups.setdefault(sql, []).append(params)
+            results.append((True, None))
+        else:
+            for sql, rows in groups.items():
+                conn.executemany(sql, rows)
+            groups.clear()
+            results.append((True, op(conn)))
+    for sql, rows in groups.items():
+        conn.executemany(sql, rows)
+    return results
 
 
 def _resolve_all(items: list, store: "Store") -> None:
