@@ -141,14 +141,14 @@ class Meter:
         fut = self.store.submit([(_UPSERT, _row(ticket, "pending"))])
         fut.add_done_callback(_log_failure)
 
-    def _final_row(self, ticket: Ticket) -> None:
+    def _stop_pending_timer(self, ticket: Ticket) -> None:
         if ticket.pending_timer is not None:  # finished before its pending row was due: one write only
             ticket.pending_timer.cancel()
             ticket.pending_timer = None
 
     async def settle(self, ticket: Ticket, usage: Usage, *, http_status: int = 200) -> None:
         """Posts actual usage; returns once the ledger row and the daily aggregate are committed."""
-        self._final_row(ticket)
+        self._stop_pending_timer(ticket)
         in_price, out_price = self.prices.price(ticket.model)
         cost = cost_nusd(usage.prompt_tokens, usage.completion_tokens, (in_price, out_price))
         self.limiter.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
@@ -162,7 +162,7 @@ class Meter:
 
     def void(self, ticket: Ticket, *, http_status: int, error: str) -> None:
         """Releases the reservation; the row records why. Nothing is billed."""
-        self._final_row(ticket)
+        self._stop_pending_timer(ticket)
         self.limiter.void(ticket.hold)
         if self.metrics:
             self.metrics.voided(ticket)

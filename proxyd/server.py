@@ -45,15 +45,9 @@ class Context:
     in_flight: int = 0
     shutting_down: bool = False
     open_per_key: dict[str, int] = field(default_factory=dict)
-    _model_specs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def model_spec(self, model: str) -> dict[str, Any]:
-        spec = self._model_specs.get(model)
-        if spec is None:
-            models = self.config["models"]
-            own = models.get(model) or models.get(model.split(":", 1)[0]) or {}
-            spec = self._model_specs[model] = {**self.config["model_defaults"], **own}
-        return spec
+        return self.tokens.spec(model)
 
     def cors_allows(self, origin: str) -> bool:
         allowed = self.config["server.cors_origins"]
@@ -113,7 +107,8 @@ def check_structures(config: Config) -> None:
 
 def build_context(config: Config, *, clock: Callable[[], float] = time.time, image_resolver=None) -> Context:
     """Opens the store (migrations, crash recovery) and builds every shared object. Synchronous."""
-    from .images import ImageInliner, ImagePolicy  # noqa: local import keeps start-up errors readable
+    # Imported here: Pillow and aiohttp load only when a proxy is actually built.
+    from .images import ImageInliner, ImagePolicy
 
     config_limits = parse_config_limits(config["limits"])
     prices = PriceTable(config["pricing"])

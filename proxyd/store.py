@@ -4,8 +4,9 @@ Why one writer: SQLite allows one writer at a time anyway; funnelling every writ
 thread and one connection means no SQLITE_BUSY, no write-lock contention with the event loop, and
 cheap group commits: the writer takes everything queued (up to ``batch_max``) and commits it as one
 ``BEGIN IMMEDIATE`` transaction (sqlite-utils' ``atomic()`` would issue a deferred BEGIN, which can
-fail with SQLITE_BUSY without waiting). Each operation runs in its own SAVEPOINT, so one bad write
-fails alone instead of taking its batch with it.
+fail with SQLITE_BUSY without waiting). A batch first runs as one plain transaction, statements of
+the same SQL grouped into one ``executemany``; only if something fails is it redone with a SAVEPOINT
+per operation, so one bad write fails alone instead of taking its batch with it.
 
 Durability: ``submit()`` returns a future that resolves after the COMMIT. The proxy awaits it before
 the last byte of a response, so whatever a client saw complete is on disk. In WAL mode with

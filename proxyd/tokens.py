@@ -82,12 +82,21 @@ class TokenCounter:
         self._models = models
         self._default = default
         self._cache: dict[str, ModelTokens] = {}
+        self._specs: dict[str, dict[str, Any]] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+
+    def spec(self, model: str) -> dict[str, Any]:
+        """A model's settings: its own entry (or its family's, the part before ':') over the defaults."""
+        found = self._specs.get(model)
+        if found is None:
+            own = self._models.get(model) or self._models.get(model.split(":", 1)[0]) or {}
+            found = self._specs[model] = {**self._default, **own}
+        return found
 
     def for_model(self, model: str) -> ModelTokens:
         found = self._cache.get(model)
         if found is None:
-            spec = {**self._default, **self._models.get(model, self._models.get(model.split(":")[0], {}))}
+            spec = self.spec(model)
             found = ModelTokens(
                 encoding=ENCODINGS[spec.get("tokenizer", "llama3")](),
                 template=TEMPLATES[spec.get("template", "generic")],

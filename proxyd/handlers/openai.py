@@ -77,7 +77,7 @@ class ProxyHandler(BaseHandler):
         self.log_fields.update(model=model, stream=stream)
         for name, value in ticket.headers.items():
             self.set_header(name, value)
-        self.forward_body(body, ticket, requested, stream)
+        self.forward_body(body, ticket, stream)
         outcome = Outcome()
         error: BaseException | None = None
         try:
@@ -101,7 +101,7 @@ class ProxyHandler(BaseHandler):
         default = spec.get("default_max_tokens") or self.ctx.config["estimate.default_max_tokens"]
         return max(1, min(default, room)), True
 
-    def forward_body(self, body: dict[str, Any], ticket: Ticket, requested: int | None, stream: bool) -> None:
+    def forward_body(self, body: dict[str, Any], ticket: Ticket, stream: bool) -> None:
         """What Ollama gets: max_tokens = the reserved budget, so the reservation stays an upper bound
         (Ollama ignores max_completion_tokens, and without a cap it may generate past any budget)."""
         body.pop("max_completion_tokens", None)
@@ -372,7 +372,7 @@ class EmbeddingsHandler(ProxyHandler):
     def completion_budget(self, model: str, prompt_tokens: int, requested: int | None) -> tuple[int, bool]:
         return 0, False
 
-    def forward_body(self, body: dict[str, Any], ticket: Ticket, requested: int | None, stream: bool) -> None:
+    def forward_body(self, body: dict[str, Any], ticket: Ticket, stream: bool) -> None:
         pass  # embeddings have no completion
 
     def collect_text(self, doc: dict[str, Any], outcome: Outcome) -> None:
