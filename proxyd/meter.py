@@ -10,6 +10,10 @@ the process dies, that row is found at the next start and marked 'expired' (its 
 died with the process). Requests that end sooner — nearly all of them — are written once, when they
 end: measured, the extra write per request cost about 12% of the proxy's CPU per request. The settle
 *is* awaited, so usage is durable before the response's last byte.
+
+Requests waiting for their pending row sit in one dict in admission order, swept by a single timer
+that is due when the oldest is: cheaper than a timer per request (measured ~1.5% of the event loop's
+samples for call_later + cancel), and the delay stays ``pending_row_after_s`` up to a loop turn.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 from .accounts import Caller, User
 from .limits import Hold, Limiter, Limits, cost_nusd, day_key, go_duration, merge, month_key, usd_str
 from .pricing import PriceTable
-from .store import Store
+from .store import Additive, Store
 
 log = logging.getLogger("proxyd.meter")
 
@@ -47,7 +51,6 @@ class Ticket:
     hold: Hold
     started: float  # perf_counter, for latency
     headers: dict[str, str]  # x-ratelimit-* for the response
-    pending_timer: Any = None  # asyncio.TimerHandle until the pending row is written
 
     @property
     def prompt_tokens(self) -> int:
@@ -83,6 +86,10 @@ class Meter:
         self.min_completion_tokens = min_completion_tokens
         self.pending_row_after_s = pending_row_after_s
         self.metrics = metrics
+        self._awaiting_row: dict[str, Ticket] = {}  # request id -> ticket, oldest first (see _sweep)
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        # (user, model) -> (the overrides object it was computed from, user limits, model limits)
+        self._split_cache: dict[tuple[str, str], tuple[Limits, Limits, Limits]] = {}
 
     # -- limits in force -------------------------------------------------------------------------
 
@@ -96,8 +103,17 @@ class Meter:
         )
 
     def _split(self, user: User, model: str) -> tuple[Limits, Limits]:
+        """The user's all-models limits and its limits for this model; cached until the admin API
+        replaces the user's overrides (a new dict, so identity tells)."""
+        key = (user.user_id, model)
+        hit = self._split_cache.get(key)
+        if hit is not None and hit[0] is user.overrides:
+            return hit[1], hit[2]
         eff = self.effective(user)
         models = eff.pop("models", {})
+        if len(self._split_cache) >= 50_000:  # model names come from clients: keep the cache bounded
+            self._split_cache.clear()
+        self._split_cache[key] = (user.overrides, eff, models.get(model, {}))
         return eff, models.get(model, {})
 
     # -- the request path ------------------------------------------------------------------------
@@ -129,40 +145,53 @@ class Meter:
         )
         ticket = Ticket(request_id, caller, model, endpoint, stream, hold, time.perf_counter(), _rate_headers(hold))
         if self.pending_row_after_s > 0:
-            loop = asyncio.get_running_loop()
-            ticket.pending_timer = loop.call_later(self.pending_row_after_s, self._write_pending, ticket)
+            self._awaiting_row[request_id] = ticket
+            if self._sweep_handle is None:
+                self._sweep_handle = asyncio.get_running_loop().call_later(self.pending_row_after_s, self._sweep)
         else:
             self._write_pending(ticket)
         return ticket
 
+    def _sweep(self) -> None:
+        """Writes the pending rows that are due, then sleeps until the next one is."""
+        self._sweep_handle = None
+        waiting = self._awaiting_row
+        due = time.perf_counter() - self.pending_row_after_s
+        while waiting:
+            request_id = next(iter(waiting))  # the oldest admission still waiting
+            ticket = waiting[request_id]
+            if ticket.started > due:
+                self._sweep_handle = asyncio.get_running_loop().call_later(ticket.started - due, self._sweep)
+                return
+            del waiting[request_id]
+            self._write_pending(ticket)
+
     def _write_pending(self, ticket: Ticket) -> None:
         """The 'pending' row of a request still running: what a crash leaves behind to be expired."""
-        ticket.pending_timer = None
         fut = self.store.submit([(_UPSERT, _row(ticket, "pending"))])
         fut.add_done_callback(_log_failure)
 
-    def _stop_pending_timer(self, ticket: Ticket) -> None:
-        if ticket.pending_timer is not None:  # finished before its pending row was due: one write only
-            ticket.pending_timer.cancel()
-            ticket.pending_timer = None
+    def _stop_waiting_for_row(self, ticket: Ticket) -> None:
+        # Finished before its pending row was due (nearly every request): one write only.
+        self._awaiting_row.pop(ticket.request_id, None)
 
     async def settle(self, ticket: Ticket, usage: Usage, *, http_status: int = 200) -> None:
         """Posts actual usage; returns once the ledger row and the daily aggregate are committed."""
-        self._stop_pending_timer(ticket)
+        self._stop_waiting_for_row(ticket)
         in_price, out_price = self.prices.price(ticket.model)
         cost = cost_nusd(usage.prompt_tokens, usage.completion_tokens, (in_price, out_price))
         self.limiter.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
         if self.metrics:
             self.metrics.settled(ticket, usage)
         row = _row(ticket, "settled", http_status=http_status, usage=usage, price=(in_price, out_price), cost=cost)
-        daily = (ticket.caller.user.user_id, ticket.model, day_key(ticket.hold.admitted_at),
+        daily = (ticket.caller.user.user_id, ticket.model, day_key(ticket.hold.admitted_at), 1,
                  usage.prompt_tokens, usage.completion_tokens, cost)
 
         await self.store.submit([(_UPSERT, row), (_DAILY, daily)])
 
     def void(self, ticket: Ticket, *, http_status: int, error: str) -> None:
         """Releases the reservation; the row records why. Nothing is billed."""
-        self._stop_pending_timer(ticket)
+        self._stop_waiting_for_row(ticket)
         self.limiter.void(ticket.hold)
         if self.metrics:
             self.metrics.voided(ticket)
@@ -256,12 +285,15 @@ _UPSERT = (
 )
 
 
-_DAILY = (
+# Params: (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd); the store sums
+# the rows of one commit that share (user_id, model, day).
+_DAILY = Additive(
     "INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)"
-    " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (user_id, model, day) DO UPDATE SET"
-    " requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, model, day) DO UPDATE SET"
+    " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens,"
-    " cost_nusd = cost_nusd + excluded.cost_nusd"
+    " cost_nusd = cost_nusd + excluded.cost_nusd",
+    key_len=3,
 )
 
 

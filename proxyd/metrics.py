@@ -11,7 +11,10 @@ class Metrics:
     def __init__(self, *, per_user_labels: bool = False) -> None:
         self.registry = r = CollectorRegistry()
         self.per_user = per_user_labels
-        self._children: dict[tuple, tuple] = {}
+        self._children: dict[tuple, Any] = {}
+        # Model names come from clients: a label only for models that have settled usage (Ollama served
+        # them), "other" for the rest, so random names cannot grow the label sets without bound.
+        self._models: set[str] = set()
         self.requests = Counter("proxyd_requests", "Requests answered", ["route", "status", "model"], registry=r)
         token_labels = ["model", "kind"] + (["user"] if per_user_labels else [])
         self.tokens = Counter("proxyd_tokens", "Tokens settled", token_labels, registry=r)
@@ -32,8 +35,19 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # labels() costs a lock and a dict build per call; the children are cached by their key.
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def model_label(self, model: str) -> str:
+        return model if not model or model in self._models else "other"
+
     def upstream_first_byte(self, endpoint: str, seconds: float) -> None:
-        self.ttfb.labels(endpoint).observe(seconds)
+        self._child(self.ttfb, endpoint).observe(seconds)
 
     def bind(self, *, in_flight: Callable[[], int], queue_depth: Callable[[], int], commit_s: Callable[[], float]) -> None:
         Gauge("proxyd_reservations_in_flight", "Reservations pending", registry=self.registry).set_function(in_flight)
@@ -41,23 +55,19 @@ class Metrics:
         Gauge("proxyd_ledger_last_commit_seconds", "Duration of the last group commit", registry=self.registry).set_function(commit_s)
 
     def settled(self, ticket: Any, usage: Any) -> None:
-        extra = [ticket.caller.user.user_id] if self.per_user else []
-        self.tokens.labels(ticket.model, "prompt", *extra).inc(usage.prompt_tokens)
-        self.tokens.labels(ticket.model, "completion", *extra).inc(usage.completion_tokens)
+        self._models.add(ticket.model)
+        extra = (ticket.caller.user.user_id,) if self.per_user else ()
+        self._child(self.tokens, ticket.model, "prompt", *extra).inc(usage.prompt_tokens)
+        self._child(self.tokens, ticket.model, "completion", *extra).inc(usage.completion_tokens)
         if usage.source == "reported":
-            self.estimate_error.labels(ticket.model).observe(usage.prompt_tokens - ticket.prompt_tokens)
+            self._child(self.estimate_error, ticket.model).observe(usage.prompt_tokens - ticket.prompt_tokens)
 
     def voided(self, ticket: Any) -> None:
-        self.voided_total.labels(ticket.model).inc()
+        self._child(self.voided_total, self.model_label(ticket.model)).inc()
 
     def observe_request(self, route: str, status: int, model: str, seconds: float) -> None:
-        # labels() costs a lock and a dict build per call; the children are cached by their key.
-        key = (route, status, model)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (self.requests.labels(route, str(status), model), self.latency.labels(route))
-        children[0].inc()
-        children[1].observe(seconds)
+        self._child(self.requests, route, str(status), self.model_label(model)).inc()
+        self._child(self.latency, route).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

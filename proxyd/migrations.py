@@ -78,3 +78,12 @@ def m002_ledger(db: Database) -> None:
         pk=("user_id", "model", "day"),
     )
     db["usage_daily"].create_index(["day"])
+
+
+@migrations()
+def m003_pending_index_only(db: Database) -> None:
+    # The index on status existed to find the rows a crash left 'pending' at start-up. Nearly every row
+    # is written once, already settled, so a full index made each ledger insert update one more B-tree
+    # for nothing; a partial index holds only the (few, short-lived) pending rows.
+    db.execute("DROP INDEX IF EXISTS idx_requests_status")
+    db.execute("CREATE INDEX idx_requests_pending ON requests (id) WHERE status = 'pending'")

@@ -39,6 +39,32 @@ Op = Callable[[sqlite3.Connection], Any] | list
 _STOP = object()
 
 
+class Additive(str):
+    """SQL of an upsert that adds its trailing parameters to a row found by its leading ``key_len`` ones
+    (a counter). Rows of one batch with the same key are summed into one before they run: one statement
+    per key and commit instead of one per request. Same result, since addition commutes."""
+
+    key_len: int
+
+    def __new__(cls, sql: str, key_len: int) -> "Additive":
+        self = super().__new__(cls, sql)
+        self.key_len = key_len
+        return self
+
+
+def _summed(rows: list, key_len: int) -> list:
+    sums: dict[tuple, list] = {}
+    for row in rows:
+        key = row[:key_len]
+        acc = sums.get(key)
+        if acc is None:
+            sums[key] = list(row)
+        else:
+            for i in range(key_len, len(row)):
+                acc[i] += row[i]
+    return [tuple(r) for r in sums.values()]
+
+
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN IMMEDIATE ourselves. check_same_thread=False because the
     # connection is created here and then used only by its own thread.
@@ -224,13 +250,16 @@ def _run_grouped(conn: sqlite3.Connection, batch: list) -> list:
                 groups.setdefault(sql, []).append(params)
             results.append((True, None))
         else:
-            for sql, rows in groups.items():
-                conn.executemany(sql, rows)
+            _run_groups(conn, groups)
             groups.clear()
             results.append((True, op(conn)))
-    for sql, rows in groups.items():
-        conn.executemany(sql, rows)
+    _run_groups(conn, groups)
     return results
+
+
+def _run_groups(conn: sqlite3.Connection, groups: dict[str, list]) -> None:
+    for sql, rows in groups.items():
+        conn.executemany(sql, _summed(rows, sql.key_len) if isinstance(sql, Additive) and len(rows) > 1 else rows)
 
 
 def _resolve_all(items: list, store: "Store") -> None:

@@ -13,11 +13,11 @@ chunks of a stream. Any failure becomes a typed error: unreachable -> 502 naming
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, AsyncIterator
 
 import aiohttp
 
+from . import jsonio
 from .errors import UpstreamTimeout, UpstreamUnavailable
 
 
@@ -59,7 +59,7 @@ class Upstream:
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> "UpstreamResponse":
         """Sends the request and waits for the response headers (the first byte)."""
-        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        data = None if body is None else jsonio.dumps(body)
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         try:
             async with asyncio.timeout(self.first_byte_timeout_s):
@@ -94,6 +94,23 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body (non-stream answers and errors), capped, with the idle timeout per read."""
         limit = self._up.max_response_bytes
+        length = self._resp.content_length
+        if length is not None:
+            # Ollama declares the length of every non-stream answer (it writes it whole once generated):
+            # refuse an oversized one up front, else read it in one call under one timeout, which costs
+            # a fraction of a timeout per chunk on this path that every non-stream request takes.
+            if length > limit:
+                self.abort()
+                raise UpstreamUnavailable(f"Upstream answer is larger than {limit} bytes.")
+            try:
+                async with asyncio.timeout(self._up.idle_timeout_s):
+                    return await self._resp.read()
+            except TimeoutError:
+                raise UpstreamTimeout(f"Upstream {self._up.base_url} went silent for {self._up.idle_timeout_s:g}s.") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                raise UpstreamUnavailable(f"Connection to upstream {self._up.base_url} lost: {exc!r}.") from None
+            finally:
+                self.release()
         parts, size = [], 0
         try:
             async for chunk in self.chunks():

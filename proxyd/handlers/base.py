@@ -20,6 +20,7 @@ from typing import Any
 import tornado.web
 from tornado.iostream import StreamClosedError
 
+from .. import jsonio
 from ..errors import (
     AuthError,
     InvalidRequest,
@@ -99,19 +100,16 @@ class BaseHandler(tornado.web.RequestHandler):
             limit = self.ctx.config["server.max_body_bytes"]
             raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
         raw = b"".join(self._body_parts)
-        if not raw.strip():
+        if not raw or raw.isspace():
             raise InvalidRequest("Request body is empty; expected a JSON object.")
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
+            body = jsonio.loads(raw)
+        except jsonio.JSONDecodeError as exc:
+            if "surrogate" in str(exc):  # a \\uXXXX escape of a lone surrogate is not Unicode text
+                raise InvalidRequest("Request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).") from None
+            raise InvalidRequest(f"Request body is not valid JSON (UTF-8): {exc}") from None
         if not isinstance(body, dict):
             raise InvalidRequest("Request body must be a JSON object.")
-        if b"\\ud" in raw or b"\\uD" in raw:  # a \\uXXXX escape of a lone surrogate is not Unicode text
-            try:
-                json.dumps(body, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequest("Request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).") from None
         return body
 
     # -- auth ----------------------------------------------------------------------------------------
@@ -146,7 +144,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def send_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)
-        self.finish(json.dumps(obj, separators=(",", ":")))
+        self.finish(jsonio.dumps(obj))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from tornado.iostream import StreamClosedError
 
-from .. import validate
+from .. import jsonio, validate
 from ..errors import ProxyError, UpstreamError, UpstreamUnavailable, openai_type_for_status
 from ..meter import Ticket, Usage
 from ..sse import DONE, SSEParser, event
@@ -136,7 +136,7 @@ class ProxyHandler(BaseHandler):
                 raise ClientGone() from None
             raise
         try:
-            doc = json.loads(raw)
+            doc = jsonio.loads(raw)
             if not isinstance(doc, dict):
                 raise ValueError("not an object")
         except ValueError:
@@ -188,7 +188,7 @@ class ProxyHandler(BaseHandler):
     def relay_event(self, data: bytes, outcome: Outcome, include_usage: bool, our_id: bytes) -> bytes | None:
         """One upstream event -> what the client gets (None: dropped). Collects usage and text."""
         try:
-            doc = json.loads(data)
+            doc = jsonio.loads(data)
         except ValueError:
             raise UpstreamUnavailable("Upstream sent an event that is not valid JSON.") from None
         if not isinstance(doc, dict):
@@ -208,7 +208,7 @@ class ProxyHandler(BaseHandler):
             # the client did not ask for it, so it must not see it.
             del doc["usage"]
             doc["id"] = our_id.decode()
-            return json.dumps(doc, separators=(",", ":")).encode()
+            return jsonio.dumps(doc)
         return with_our_id(data, doc, our_id)
 
     async def send(self, data: bytes) -> None:
@@ -305,7 +305,7 @@ def with_our_id(raw: bytes, doc: dict[str, Any], our_id: bytes) -> bytes:
     if old in raw:
         return raw.replace(old, b'"id":"' + our_id + b'"', 1)
     doc["id"] = our_id.decode()
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return jsonio.dumps(doc)
 
 
 def upstream_error(status: int, raw: bytes) -> ProxyError:
@@ -314,7 +314,7 @@ def upstream_error(status: int, raw: bytes) -> ProxyError:
     headers = {"Retry-After": "1"} if status == 503 else None
     kind, code, param = openai_type_for_status(status), None, None
     try:
-        err = json.loads(raw)["error"]
+        err = jsonio.loads(raw)["error"]
         if isinstance(err, dict):
             message = str(err.get("message") or f"Upstream returned HTTP {status}.")
             kind, code, param = err.get("type") or kind, err.get("code"), err.get("param")
@@ -382,7 +382,7 @@ class EmbeddingsHandler(ProxyHandler):
         resp = await self.open_upstream(body)
         raw = await resp.read()
         try:
-            doc = json.loads(raw)
+            doc = jsonio.loads(raw)
             usage = doc.get("usage") or {}
         except (ValueError, AttributeError):
             raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
@@ -406,7 +406,7 @@ class ModelsHandler(BaseHandler):
         if resp.status != 200:
             raise upstream_error(resp.status, raw)
         try:
-            doc = json.loads(raw)
+            doc = jsonio.loads(raw)
         except ValueError:
             raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
         if model is None and isinstance(doc, dict) and doc.get("data") is None:
