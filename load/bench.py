@@ -165,6 +165,21 @@ def pid_cpu(pid: int) -> float:
         return 0.0
 
 
+def descendants(pid: int) -> list[int]:
+    """The process and its children, recursively (from /proc/<pid>/task/<tid>/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
 class Proc:
     def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> None:
@@ -183,8 +198,9 @@ class Proc:
         return self.p.poll() is None
 
     def cpu_s(self) -> float:
-        """User + system CPU seconds of the process (all its threads)."""
-        return pid_cpu(self.pid)
+        """User + system CPU seconds of the process (all its threads) and of its child processes (the
+        workers of load.ceiling and of load.forwarder --workers)."""
+        return sum(pid_cpu(pid) for pid in descendants(self.pid))
 
     def rss_kb(self) -> int | None:
         try:
@@ -302,6 +318,26 @@ class Stack:
         self.forwarder = Proc(f"forwarder-{label}", [PY, "-m", "load.forwarder", "--port", str(self.fwd_port),
                                                      "--upstream", self.emu_url, "--log-level", "WARNING"], d, env)
         self.keys: dict[str, str] = {}
+        # --workers-ceiling N: N uncoordinated proxies (load.ceiling) and N forwarders, each on one shared port.
+        self.workers: dict[str, Proc] = {}
+        n = bench.args.workers_ceiling
+        if n > 1:
+            name = f"proxy-x{n}-unshared"
+            self.ports[name] = free_port()
+            doc = json.loads(cfg.read_text())
+            doc["server"]["port"] = self.ports[name]
+            doc["database"]["path"] = str(d / f"{name}-{label}.db")
+            cfg3 = d / f"{name}-{label}.yaml"
+            cfg3.write_text(json.dumps(doc, indent=1))
+            self.ceiling_key = d / f"{name}-{label}.key"
+            self.workers[name] = Proc(f"{name}-{label}", [PY, "-m", "load.ceiling", "--workers", str(n), "--config",
+                                                          str(cfg3), "--key-file", str(self.ceiling_key),
+                                                          "--limits", json.dumps(GENEROUS)], d, env)
+            fname = f"forwarder-x{n}"
+            self.ports[fname] = free_port()
+            self.workers[fname] = Proc(f"{fname}-{label}", [PY, "-m", "load.forwarder", "--workers", str(n), "--port",
+                                                            str(self.ports[fname]), "--upstream", self.emu_url,
+                                                            "--log-level", "WARNING"], d, env)
 
     def key(self, target: str) -> str | None:
         """The bench user's key on a proxy target (the others ignore the header; it is sent all the same)."""
@@ -315,7 +351,8 @@ class Stack:
         return f"http://127.0.0.1:{self.ports[target]}"
 
     def process(self, target: str) -> Proc:
-        return {"proxy": self.proxy, "forwarder": self.forwarder, "emulator": self.emulator, **self.candidates}[target]
+        return {"proxy": self.proxy, "forwarder": self.forwarder, "emulator": self.emulator, **self.candidates,
+                **self.workers}[target]
 
     def ready(self) -> None:
         wait_ready(self.emulator, self.emu_url + "/")
@@ -325,6 +362,12 @@ class Stack:
         for name, proc in self.candidates.items():
             wait_ready(proc, self.url(name) + "/healthz")
             self.keys[name] = self.create_user("bench", GENEROUS, target=name)
+        for name, proc in self.workers.items():
+            if name.startswith("proxy-"):
+                wait_ready(proc, self.url(name) + "/healthz")
+                self.keys[name] = self.ceiling_key.read_text().strip()
+            else:
+                wait_ready(proc, self.url(name) + "/")
 
     def create_user(self, user_id: str, limits: dict[str, Any], target: str = "proxy") -> str:
         status, doc = http("POST", self.url(target) + "/admin/users", {"user_id": user_id, "limits": limits},
@@ -334,7 +377,7 @@ class Stack:
         return doc["api_key"]
 
     def procs(self) -> list[Proc]:
-        return [self.emulator, self.proxy, self.forwarder] + list(self.candidates.values())
+        return [self.emulator, self.proxy, self.forwarder] + list(self.candidates.values()) + list(self.workers.values())
 
 
 class Bench:
@@ -475,7 +518,7 @@ class Bench:
         body = self.tmp / "small-chat.json"
         body.write_text(json.dumps(small_chat()))
         mix = self.write_mix("small", [{"name": "chat", "path": "/v1/chat/completions", "body": small_chat()}])
-        targets = self.proxies() + ["forwarder", "emulator"]
+        targets = self.proxies() + ["forwarder", "emulator"] + list(st.workers)
 
         def run(target: str, duration: float, conc: int) -> dict[str, Any]:
             if self.wrk:
@@ -534,6 +577,18 @@ class Bench:
                     for k in range(a.rounds)],
                 "cpu_ratio_proxy": round(c["server_cpu_ms_per_req"] / summary["proxy"]["server_cpu_ms_per_req"], 3)
                 if summary["proxy"]["server_cpu_ms_per_req"] else None,
+            }
+
+        if st.workers:
+            n = a.workers_ceiling
+            px, fx = summary[f"proxy-x{n}-unshared"], summary[f"forwarder-x{n}"]
+            self.results["throughput"]["workers_ceiling"] = {
+                "workers": n,
+                "note": "N uncoordinated proxy processes (limits not shared: a ceiling, not a product mode) and N forwarders",
+                "proxy_rps_vs_one": round(px["rps"] / summary["proxy"]["rps"], 3) if summary["proxy"]["rps"] else None,
+                "forwarder_rps_vs_one": round(fx["rps"] / fwd["rps"], 3) if fwd["rps"] else None,
+                "ratio_proxy_forwarder": round(px["rps"] / fx["rps"], 3) if fx["rps"] else None,
+                "ratio_proxy_vs_one_forwarder": round(px["rps"] / fwd["rps"], 3) if fwd["rps"] else None,
             }
 
     def profile(self) -> None:
@@ -920,6 +975,11 @@ def report(res: dict[str, Any]) -> str:
         for name, c in (t.get("candidates") or {}).items():
             out.append(f"{name}: rps vs proxy {fmt(c['ratio_proxy'], 3)} (per round {c['ratio_proxy_by_round']}), "
                        f"vs forwarder {fmt(c['ratio_forwarder'], 3)}, CPU per request vs proxy {fmt(c['cpu_ratio_proxy'], 3)}")
+        if t.get("workers_ceiling"):
+            w = t["workers_ceiling"]
+            out.append(f"N={w['workers']} (uncoordinated ceiling): proxy rps x{fmt(w['proxy_rps_vs_one'], 2)} of N=1, "
+                       f"forwarder x{fmt(w['forwarder_rps_vs_one'], 2)}; proxy/forwarder at N={w['workers']} "
+                       f"{fmt(w['ratio_proxy_forwarder'], 3)}, vs the one-process forwarder {fmt(w['ratio_proxy_vs_one_forwarder'], 3)}")
         out.append(f"p99 proxy - forwarder {fmt(t['p99_delta_ms'])} ms (target <= {TARGETS['p99_delta_max_ms']}: "
                    f"{verdict(t['p99_delta_ms'] <= TARGETS['p99_delta_max_ms'])}); CPU per request proxy/forwarder "
                    f"{fmt(t['cpu_ratio_proxy_forwarder'])}x")
@@ -1001,6 +1061,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--candidate", metavar="DIR", action="append", default=[],
                    help="another proxyd tree (e.g. a patched copy) benchmarked alongside the proxy, as target "
                         "'cand:<dir name>' (repeatable)")
+    p.add_argument("--workers-ceiling", metavar="N", type=int, default=0,
+                   help="throughput: also N proxy processes sharing the port without coordination (load.ceiling: "
+                        "limits not shared, so the most N workers could give) and N forwarders")
     p.add_argument("--profile", metavar="PATH",
                    help="after the throughput phase, one more proxy run under py-spy: collapsed stacks to PATH, "
                         "top functions into the results")

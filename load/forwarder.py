@@ -16,6 +16,8 @@ import argparse
 import asyncio
 import logging
 import signal
+import subprocess
+import sys
 
 import aiohttp
 import tornado.web
@@ -92,7 +94,8 @@ def make_app(session: aiohttp.ClientSession, upstream: str) -> tornado.web.Appli
     )
 
 
-async def serve(port: int, upstream: str, address: str = "127.0.0.1", pool_size: int = 512) -> None:
+async def serve(port: int, upstream: str, address: str = "127.0.0.1", pool_size: int = 512,
+                reuse_port: bool = False) -> None:
     # The same connector settings as proxyd.upstream.Upstream.session.
     connector = aiohttp.TCPConnector(limit=pool_size, keepalive_timeout=30, ttl_dns_cache=300)
     session = aiohttp.ClientSession(
@@ -103,7 +106,7 @@ async def serve(port: int, upstream: str, address: str = "127.0.0.1", pool_size:
     )
     server = HTTPServer(make_app(session, upstream), idle_connection_timeout=120, body_timeout=60,
                         max_body_size=40 * 1024 * 1024)
-    server.listen(port, address=address)
+    server.listen(port, address=address, reuse_port=reuse_port)
     log.info("forwarder listening on http://%s:%d -> %s", address, port, upstream)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -125,9 +128,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--upstream", default="http://127.0.0.1:11434")
     p.add_argument("--pool-size", type=int, default=512)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--workers", type=int, default=1,
+                   help="N processes sharing the port (SO_REUSEPORT); it keeps no state, so this is all it takes")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.port, args.upstream, args.address, args.pool_size))
+    if args.workers > 1:
+        run_workers(args.workers, [sys.executable, "-m", "load.forwarder", "--port", str(args.port),
+                                   "--address", args.address, "--upstream", args.upstream,
+                                   "--pool-size", str(args.pool_size), "--log-level", args.log_level, "--reuse-port"])
+        return
+    asyncio.run(serve(args.port, args.upstream, args.address, args.pool_size, args.reuse_port))
+
+
+def run_workers(n: int, cmd: list[str]) -> int:
+    """Starts n copies of cmd, passes SIGTERM/SIGINT on, returns when all have exited."""
+
+    def die_with_parent() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except Exception:  # noqa: BLE001, S110 - not Linux: stopped by the signal handler below instead
+            pass
+
+    procs = [subprocess.Popen(cmd, preexec_fn=die_with_parent) for _ in range(n)]  # noqa: PLW1509
+
+    def stop(*_: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return max(proc.wait() for proc in procs)
 
 
 if __name__ == "__main__":
