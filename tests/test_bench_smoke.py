@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_quick_runs_and_writes_results(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "load.bench", "--quick", "--soak", "3", "--quiet", "--json", str(out)],
+        [sys.executable, "-m", "load.bench", "--quick", "--soak", "3", "--workers-ceiling", "2", "--quiet", "--json", str(out)],
         cwd=ROOT,
         check=False,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=240,
     )
     assert proc.returncode == 0, f"bench failed:\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     res = json.loads(out.read_text())
@@ -34,6 +34,15 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert summary["forwarder"]["errors"] == 0, summary["forwarder"]
     assert summary["emulator"]["errors"] == 0, summary["emulator"]
     assert summary["proxy"]["errors"] == 0, summary["proxy"]
+
+    # N=2 without coordination (load.ceiling) and two forwarders: they start, share their port and answer
+    for target in ("proxy-x2-unshared", "forwarder-x2"):
+        assert summary[target]["rps"] > 0 and summary[target]["errors"] == 0, (target, summary[target])
+    assert res["throughput"]["workers_ceiling"]["workers"] == 2
+
+    lat = res["latency"]["summary"]
+    for target in ("proxy", "forwarder"):
+        assert lat[target]["rps"] > 0 and lat[target]["errors"] == 0, (target, lat[target])
 
     stream = res["stream"]["summary"]
     for per_level in stream.values():
