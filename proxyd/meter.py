@@ -27,7 +27,7 @@ from typing import Any
 from .accounts import Caller, User
 from .limits import Hold, Limiter, Limits, cost_nusd, day_key, go_duration, merge, month_key, usd_str
 from .pricing import PriceTable
-from .store import Additive, Store
+from .store import Additive, Store, Upsert
 
 log = logging.getLogger("proxyd.meter")
 
@@ -271,11 +271,12 @@ def _rate_headers(hold: Hold) -> dict[str, str]:
 
 # One statement writes a request's row whatever it held before: the first write (pending, or the final
 # row of a request that ended before its pending row was due) inserts, a later one updates.
-_UPSERT = (
+_UPSERT = Upsert(
     "INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at,"
     " reserved_prompt, reserved_completion, http_status, finished_at, latency_ms, prompt_tokens,"
-    " completion_tokens, usage_source, input_price_nusd_per_mtok, output_price_nusd_per_mtok, cost_nusd, error)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET"
+    " completion_tokens, usage_source, input_price_nusd_per_mtok, output_price_nusd_per_mtok, cost_nusd, error)",
+    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    " ON CONFLICT (id) DO UPDATE SET"
     " status=excluded.status, http_status=excluded.http_status, finished_at=excluded.finished_at,"
     " latency_ms=excluded.latency_ms, prompt_tokens=excluded.prompt_tokens,"
     " completion_tokens=excluded.completion_tokens, usage_source=excluded.usage_source,"
@@ -288,8 +289,9 @@ _UPSERT = (
 # Params: (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd); the store sums
 # the rows of one commit that share (user_id, model, day).
 _DAILY = Additive(
-    "INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, model, day) DO UPDATE SET"
+    "INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)",
+    "(?, ?, ?, ?, ?, ?, ?)",
+    " ON CONFLICT (user_id, model, day) DO UPDATE SET"
     " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens,"
     " cost_nusd = cost_nusd + excluded.cost_nusd",

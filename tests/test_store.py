@@ -1,0 +1,48 @@
+"""The ledger writer's batching: multi-row upserts and summed counters give what one statement per row gives."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from proxyd.store import Additive, Upsert, _run_groups
+
+
+def _db() -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE t (id TEXT PRIMARY KEY, status TEXT, n INTEGER)")
+    conn.execute("CREATE TABLE c (k1 TEXT, k2 TEXT, hits INTEGER, total INTEGER, PRIMARY KEY (k1, k2))")
+    return conn
+
+
+T = Upsert("INSERT INTO t (id, status, n)", "(?, ?, ?)",
+           " ON CONFLICT (id) DO UPDATE SET status = excluded.status, n = excluded.n")
+C = Additive("INSERT INTO c (k1, k2, hits, total)", "(?, ?, ?, ?)",
+             " ON CONFLICT (k1, k2) DO UPDATE SET hits = hits + excluded.hits, total = total + excluded.total", key_len=2)
+
+
+def test_a_later_row_of_the_same_key_wins_within_one_statement():
+    conn = _db()
+    # a request's pending row and its final row can land in the same commit: the final one must stand
+    _run_groups(conn, {T: [("a", "pending", 0), ("b", "pending", 0), ("a", "settled", 7)]})
+    assert conn.execute("SELECT id, status, n FROM t ORDER BY id").fetchall() == [("a", "settled", 7), ("b", "pending", 0)]
+
+
+def test_batches_over_the_parameter_limit_are_split():
+    conn = _db()
+    T.max_rows = 7  # as if SQLite took only 21 parameters per statement
+    try:
+        _run_groups(conn, {T: [(f"r{i}", "settled", i) for i in range(50)]})
+    finally:
+        T.max_rows = 32766 // 3
+    assert conn.execute("SELECT COUNT(*), SUM(n) FROM t").fetchone() == (50, sum(range(50)))
+
+
+def test_summed_counters_equal_one_statement_per_row():
+    rows = [("u1", "m", 1, 10), ("u2", "m", 1, 5), ("u1", "m", 1, 3), ("u1", "x", 1, 1), ("u1", "m", 1, 2)]
+    batched, one_by_one = _db(), _db()
+    _run_groups(batched, {C: rows})
+    for row in rows:
+        one_by_one.execute(C, row)  # the plain single-row form of the same statement
+    query = "SELECT k1, k2, hits, total FROM c ORDER BY 1, 2"
+    assert batched.execute(query).fetchall() == one_by_one.execute(query).fetchall() == [
+        ("u1", "m", 3, 15), ("u1", "x", 1, 1), ("u2", "m", 1, 5)]
