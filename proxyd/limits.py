@@ -189,53 +189,68 @@ def go_duration(seconds: float) -> str:
 
 
 class SlidingMinute:
-    """Per-minute sliding log. Entries are [t, requests, tokens]; sums kept incrementally."""
+    """Per-minute sliding log: one entry (time, requests, tokens) per admitted request, sums kept
+    incrementally. The entries live in three parallel deques of plain numbers, addressed by a sequence
+    number, instead of one list per entry: numbers are not tracked by Python's cyclic GC, while a
+    minute of lists at 1,500 requests/s (two windows each) was ~180k tracked objects that every full
+    collection had to walk (measured: 26 ms pauses and ~8% of the CPU; docs/DESIGN.md)."""
 
-    __slots__ = ("entries", "requests", "tokens")
+    __slots__ = ("times", "reqs", "toks", "base", "requests", "tokens")
     SPAN = 60.0
 
     def __init__(self) -> None:
-        self.entries: deque[list] = deque()
+        self.times: deque[float] = deque()
+        self.reqs: deque[int] = deque()
+        self.toks: deque[int] = deque()
+        self.base = 0  # sequence number of the oldest entry still held
         self.requests = 0
         self.tokens = 0
 
     def expire(self, now: float) -> None:
-        entries = self.entries
+        times = self.times
         horizon = now - self.SPAN
-        while entries and entries[0][0] <= horizon:
-            entry = entries.popleft()
-            self.requests -= entry[1]
-            self.tokens -= entry[2]
-            entry[1] = -1  # marks it gone, so a late settle does not correct a window it left
+        while times and times[0] <= horizon:
+            times.popleft()
+            self.requests -= self.reqs.popleft()
+            self.tokens -= self.toks.popleft()
+            self.base += 1
 
-    def add(self, now: float, tokens: int) -> list:
-        entry = [now, 1, tokens]
-        self.entries.append(entry)
+    def add(self, now: float, tokens: int) -> int:
+        """Enters a request; returns its sequence number (for ``adjust``)."""
+        self.times.append(now)
+        self.reqs.append(1)
+        self.toks.append(tokens)
         self.requests += 1
         self.tokens += tokens
-        return entry
+        return self.base + len(self.times) - 1
 
-    def adjust(self, entry: list, requests: int, tokens: int) -> None:
+    def adjust(self, seq: int, requests: int, tokens: int) -> None:
         """Corrects a still-live entry (settle: actual tokens; void: nothing)."""
-        if entry[1] < 0:  # already expired out of the window: nothing left to correct
+        i = seq - self.base
+        if i < 0:  # already expired out of the window: nothing left to correct
             return
-        self.requests += requests - entry[1]
-        self.tokens += tokens - entry[2]
-        entry[1], entry[2] = requests, tokens
+        self.requests += requests - self.reqs[i]
+        self.tokens += tokens - self.toks[i]
+        self.reqs[i] = requests
+        self.toks[i] = tokens
+
+    @property
+    def entries(self) -> list[tuple[float, int, int]]:
+        return list(zip(self.times, self.reqs, self.toks))
 
     def used(self, metric: int) -> int:
         return self.requests if metric == 0 else self.tokens
 
     def reset_in(self, now: float) -> float:
-        return (self.entries[-1][0] + self.SPAN - now) if self.entries else 0.0
+        return (self.times[-1] + self.SPAN - now) if self.times else 0.0
 
     def free_at(self, metric: int, need: int, now: float) -> float:
         """Earliest time at which ``need`` units of the metric will have left the window."""
         freed = 0
-        for entry in self.entries:
-            freed += entry[1] if metric == 0 else entry[2]
+        for t, r, k in zip(self.times, self.reqs, self.toks):
+            freed += r if metric == 0 else k
             if freed >= need:
-                return entry[0] + self.SPAN
+                return t + self.SPAN
         return now + self.SPAN
 
 
@@ -258,7 +273,7 @@ class Hold:
     cost_nusd: int
     admitted_at: float
     buckets: list  # Bucket objects reserved against
-    minute_entries: list  # (SlidingMinute, entry)
+    minute_entries: list  # (SlidingMinute, sequence number)
     concurrency_keys: list
     checks: list  # (Check, metric, window) as they stood just before this admission
     state: str = "pending"
