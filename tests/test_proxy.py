@@ -240,3 +240,12 @@ def test_unknown_path_and_health(world):
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     h = httpx.get(world.url + "/healthz").json()
     assert h["upstream"]["reachable"] is True and h["status"] == "ok"
+
+
+def test_wrong_method_is_405_with_allow(world):
+    key = world.new_user("alice")
+    r = httpx.get(world.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 405 and r.headers["allow"] == "POST", r.headers
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = httpx.delete(world.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 405 and r.headers["allow"] == "GET"

@@ -159,9 +159,17 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_status(err.status)
         for name, value in err.headers.items():
             self.set_header(name, value)
+        if err.status == 405:  # RFC 9110: a 405 lists the methods the resource does support
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.set_header("Content-Type", "application/json")
         self.log_fields["error"] = err.message
         self.finish(json.dumps(err.body(), separators=(",", ":")))
+
+    def allowed_methods(self) -> list[str]:
+        """The HTTP methods this handler implements (its own get/post/... overrides)."""
+        base = tornado.web.RequestHandler
+        return [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
+                if getattr(type(self), m.lower()) is not getattr(base, m.lower())]
 
     def log_exception(self, typ, value, tb) -> None:
         # Typed errors are answers, not failures: log them as one line, without a traceback.
