@@ -455,6 +455,22 @@ class Limiter:
         self._end(hold, "voided")
         for w, entry in hold.minute_entries:
             w.adjust(entry, 0, 0)
+        self._forget_if_unused(hold.user_id, hold.model, hold.admitted_at)
+
+    def _forget_if_unused(self, user_id: str, scope: str, t: float) -> None:
+        """Drops a model scope's state when nothing is used or reserved in it (every request to it was
+        voided, e.g. a model name Ollama does not have): model names come from clients, and made-up
+        ones must not pile up state for the life of the process."""
+        keys = [(user_id, scope, p) for p in ("d" + day_key(t), "m" + month_key(t), "total")]
+        if any(k in self.buckets and (any(self.buckets[k].used) or any(self.buckets[k].reserved)) for k in keys):
+            return
+        w = self.minutes.get((user_id, scope))
+        if (w is not None and (w.requests or w.tokens)) or self.concurrent.get((user_id, scope)):
+            return
+        for k in keys:
+            self.buckets.pop(k, None)
+        self.minutes.pop((user_id, scope), None)
+        self.concurrent.pop((user_id, scope), None)
 
     def _end(self, hold: Hold, state: str) -> None:
         if hold.state != "pending":

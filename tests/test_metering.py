@@ -411,3 +411,22 @@ def test_long_request_has_a_pending_row_until_it_ends(make_world):
     world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
     world.settle_all()
     assert world.rows("SELECT COUNT(*) FROM requests WHERE status='settled'") == [(2,)]
+
+
+def test_made_up_model_names_leave_no_state_behind(world):
+    """Model names come from clients. Requests for models Ollama does not have are voided (404), and
+    their per-model limiter state is dropped with them, so made-up names cannot grow memory; a model
+    that was served keeps its state, and so does the user's all-models scope."""
+    import openai
+
+    key = world.new_user("alice")
+    client = world.client(key)
+    client.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    for i in range(30):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=f"made-up-{i}", messages=MSG)
+    lim = world.ctx.meter.limiter
+    scopes = {k[1] for k in lim.buckets} | {k[1] for k in lim.minutes} | {k[1] for k in lim.concurrent}
+    assert scopes == {"*", "llama3.2:1b"}, scopes
+    world.settle_all()
+    assert world.rows("SELECT status, COUNT(*) FROM requests GROUP BY status") == [("settled", 1), ("voided", 30)]
