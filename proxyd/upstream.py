@@ -60,7 +60,10 @@ class Upstream:
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> "UpstreamResponse":
         """Sends the request and waits for the response headers (the first byte)."""
         data = None if body is None else jsonio.dumps(body)
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        # identity: Ollama never compresses, and an upstream that did would make the declared length
+        # (checked against the size cap in read()) the compressed size.
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                   "Accept-Encoding": "identity"}
         try:
             async with asyncio.timeout(self.first_byte_timeout_s):
                 resp = await self.session.request(method, self.base_url + path, data=data, headers=headers)
@@ -95,7 +98,7 @@ class UpstreamResponse:
         """The whole body (non-stream answers and errors), capped, with the idle timeout per read."""
         limit = self._up.max_response_bytes
         length = self._resp.content_length
-        if length is not None:
+        if length is not None and "Content-Encoding" not in self._resp.headers:
             # Ollama declares the length of every non-stream answer (it writes it whole once generated):
             # refuse an oversized one up front, else read it in one call under one timeout, which costs
             # a fraction of a timeout per chunk on this path that every non-stream request takes.

@@ -249,3 +249,11 @@ def test_wrong_method_is_405_with_allow(world):
     assert r.json()["error"]["code"] == "method_not_allowed"
     r = httpx.delete(world.url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
+def test_body_that_is_not_utf8_is_a_clear_400(world):
+    key = world.new_user("alice")
+    for raw in (b'\xff{"model": "llama3.2:1b"}', b'{"model": "llama3.2:1b", "messages": [{"role": "user", "content": "\xe9"}]}'):
+        r = httpx.post(world.url + "/v1/chat/completions", content=raw,
+                       headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"], r.text

@@ -27,14 +27,20 @@ def test_a_later_row_of_the_same_key_wins_within_one_statement():
     assert conn.execute("SELECT id, status, n FROM t ORDER BY id").fetchall() == [("a", "settled", 7), ("b", "pending", 0)]
 
 
-def test_batches_over_the_parameter_limit_are_split():
+def test_batches_are_split_by_the_parameter_limit_into_few_statement_shapes():
     conn = _db()
-    T.max_rows = 7  # as if SQLite took only 21 parameters per statement
-    try:
-        _run_groups(conn, {T: [(f"r{i}", "settled", i) for i in range(50)]})
-    finally:
-        T.max_rows = 32766 // 3
-    assert conn.execute("SELECT COUNT(*), SUM(n) FROM t").fetchone() == (50, sum(range(50)))
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 21)  # as if SQLite took only 7 rows of 3 per statement
+    for size in range(1, 60):
+        _run_groups(conn, {T: [(f"r{size}-{i}", "settled", i) for i in range(size)]})
+    assert conn.execute("SELECT COUNT(*), SUM(n) FROM t").fetchone() == (
+        sum(range(1, 60)), sum(sum(range(size)) for size in range(1, 60)))
+    # chunks of 4, 2 and 1 rows only: a bounded number of prepared statements whatever the batch sizes
+    assert set(T._multi) <= {1, 2, 4}
+    conn2 = _db()
+    for size in range(1, 300, 7):
+        _run_groups(conn2, {T: [(f"s{size}-{i}", "settled", 1) for i in range(size)]})
+    assert set(T._multi) <= {1, 2, 4, 8, 16, 32, 64}
+    assert conn2.execute("SELECT COUNT(*) FROM t").fetchone() == (sum(range(1, 300, 7)),)
 
 
 def test_summed_counters_equal_one_statement_per_row():

@@ -105,9 +105,11 @@ class BaseHandler(tornado.web.RequestHandler):
         try:
             body = jsonio.loads(raw)
         except jsonio.JSONDecodeError as exc:
-            if "surrogate" in str(exc):  # a \\uXXXX escape of a lone surrogate is not Unicode text
+            if "surrogate in string" in str(exc):  # a \\uXXXX escape of a lone surrogate is not Unicode text
                 raise InvalidRequest("Request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).") from None
-            raise InvalidRequest(f"Request body is not valid JSON (UTF-8): {exc}") from None
+            if "not valid UTF-8" in str(exc):
+                raise InvalidRequest("Request body is not valid UTF-8 (JSON must be UTF-8).") from None
+            raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise InvalidRequest("Request body must be a JSON object.")
         return body

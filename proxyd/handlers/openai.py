@@ -252,9 +252,11 @@ class ProxyHandler(BaseHandler):
     async def end_unsettled(self, ticket: Ticket, outcome: Outcome, error: BaseException | None) -> None:
         """The one exit for a reservation the relay did not settle."""
         meter = self.ctx.meter
-        if outcome.delivered or (self._client_gone and self._upstream_resp is not None):
-            # The client got part of an answer, or left after Ollama took the request: bill the prompt
-            # plus what was relayed (reported usage if it came, else counted with the tokenizer).
+        accepted = self._upstream_resp is not None and self._upstream_resp.status == 200
+        if outcome.delivered or (self._client_gone and accepted):
+            # The client got part of an answer, or left after Ollama took the request (200: the prompt
+            # was evaluated; an error answer, e.g. 404 for an unknown model, evaluated nothing): bill
+            # the prompt plus what was relayed (reported usage if it came, else counted).
             try:
                 await meter.settle(ticket, await self.usage_of(ticket, outcome), http_status=499 if self._client_gone else 502)
             except Exception:
