@@ -320,6 +320,15 @@ class Limiter:
             b.used[1] += tokens
             b.used[2] += cost
 
+    def load_minute(self, user_id: str, model: str, t: float, tokens: int) -> None:
+        """Seeds one settled request of the last minute (at start; call in time order)."""
+        for scope in (model, "*"):
+            key = (user_id, scope)
+            w = self.minutes.get(key)
+            if w is None:
+                w = self.minutes[key] = SlidingMinute()
+            w.add(t, tokens)
+
     def _bucket(self, user_id: str, scope: str, period: str) -> Bucket:
         key = (user_id, scope, period)
         b = self.buckets.get(key)

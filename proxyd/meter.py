@@ -19,13 +19,14 @@ samples for call_later + cancel), and the delay stays ``pending_row_after_s`` up
 from __future__ import annotations
 
 import asyncio
+import calendar
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from .accounts import Caller, User
-from .limits import Hold, Limiter, Limits, cost_nusd, day_key, go_duration, merge, month_key, usd_str
+from .limits import Hold, Limiter, Limits, SlidingMinute, cost_nusd, day_key, go_duration, merge, month_key, usd_str
 from .pricing import PriceTable
 from .store import Additive, Store, Upsert
 
@@ -218,6 +219,30 @@ class Meter:
         for rows, period in zip(self.store.read_now(q), ("d" + today, "m" + month, "total")):
             for user_id, model, requests, tokens, cost in rows:
                 self.limiter.load_used(user_id, model, period, requests or 0, tokens or 0, cost or 0)
+        self._load_last_minute(now)
+
+    def _load_last_minute(self, now: float) -> None:
+        """Seeds the per-minute windows with the settled requests admitted in the last minute, so a
+        restart does not hand every user a fresh minute. Rows are read newest first by rowid (insertion
+        order) and the scan stops at the first row finished over a minute ago: a row's insertion is no
+        later than its finish, so every older rowid was inserted, hence admitted, before the window."""
+        horizon = now - SlidingMinute.SPAN
+        cutoff = _iso(horizon)
+
+        def q(conn):
+            found = []
+            cur = conn.execute("SELECT user_id, model, created_at, finished_at, status, prompt_tokens,"
+                               " completion_tokens FROM requests ORDER BY rowid DESC")
+            for user_id, model, created_at, finished_at, status, prompt, completion in cur:
+                if finished_at is not None and finished_at < cutoff:
+                    break
+                if status == "settled" and created_at >= cutoff:
+                    found.append((_from_iso(created_at), user_id, model, (prompt or 0) + (completion or 0)))
+            return found
+
+        for t, user_id, model, tokens in sorted(self.store.read_now(q)):
+            if t > horizon:
+                self.limiter.load_minute(user_id, model, t, tokens)
 
     def limit_status(self, user: User) -> list[dict[str, Any]]:
         """Every limit that applies to the user now: limit, used, reserved, remaining, resets_at."""
@@ -316,6 +341,11 @@ def _row(ticket: Ticket, status: str, *, http_status: int | None = None, usage: 
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+def _from_iso(s: str) -> float:
+    """The inverse of ``_iso`` (to the millisecond)."""
+    return calendar.timegm(time.strptime(s[:19], "%Y-%m-%dT%H:%M:%S")) + int(s[20:23]) / 1000
 
 
 def _log_failure(fut) -> None:

@@ -430,3 +430,22 @@ def test_made_up_model_names_leave_no_state_behind(world):
     assert scopes == {"*", "llama3.2:1b"}, scopes
     world.settle_all()
     assert world.rows("SELECT status, COUNT(*) FROM requests GROUP BY status") == [("settled", 1), ("voided", 30)]
+
+
+def test_per_minute_window_survives_a_restart(make_world):
+    """The minute's settled requests are read back at start: a restart does not hand out a fresh minute."""
+    world = make_world(config={"limits": {"default": {"requests_per_minute": 2}}})
+    key = world.new_user("alice")
+    other = world.new_user("bob")
+    for _ in range(2):
+        world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    world.client(other).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    world.restart()
+    with pytest.raises(openai.RateLimitError):
+        world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    world.client(other).chat.completions.create(model="llama3.2:1b", messages=MSG)  # bob used 1 of 2
+    status = {x["name"]: x for x in world.get("/v1/limits", key).json()["limits"]}
+    assert status["requests_per_minute"]["used"] == 2
+    world.clock.advance(61)
+    world.restart()
+    world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
