@@ -165,6 +165,21 @@ def pid_cpu(pid: int) -> float:
         return 0.0
 
 
+def med(xs, nd: int = 3) -> float | None:
+    """Median of the figures that exist (a run with no successful request has no latency)."""
+    vals = [x for x in xs if x is not None]
+    return round(statistics.median(vals), nd) if vals else None
+
+
+def maxn(xs) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return max(vals) if vals else None
+
+
+def diff(a: float | None, b: float | None, nd: int = 3) -> float | None:
+    return None if a is None or b is None else round(a - b, nd)
+
+
 def descendants(pid: int) -> list[int]:
     """The process and its children, recursively (from /proc/<pid>/task/<tid>/children)."""
     out, todo = [], [pid]
@@ -543,8 +558,8 @@ class Bench:
             summary[t] = {
                 "rps": round(statistics.mean(r["rps"] for r in rs), 1),
                 "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
-                "p50_ms": round(statistics.median(r["latency_ms"]["p50"] for r in rs), 3),
-                "p99_ms": round(statistics.median(r["latency_ms"]["p99"] for r in rs), 3),
+                "p50_ms": med(r["latency_ms"]["p50"] for r in rs),
+                "p99_ms": med(r["latency_ms"]["p99"] for r in rs),
                 "errors": sum(r["errors"] for r in rs),
                 "server_cpu_ms_per_req": round(statistics.median(r["cpu"]["server_ms_per_req"] for r in rs), 4),
                 "foreign_cores_mean": round(statistics.mean(r["cpu"]["foreign_cores"] for r in rs), 3),
@@ -561,7 +576,7 @@ class Bench:
             "runs": runs, "summary": summary,
             "ratio_proxy_forwarder": round(summary["proxy"]["rps"] / fwd["rps"], 3) if fwd["rps"] else None,
             "ratio_by_round": by_round,
-            "p99_delta_ms": round(summary["proxy"]["p99_ms"] - fwd["p99_ms"], 3),
+            "p99_delta_ms": diff(summary["proxy"]["p99_ms"], fwd["p99_ms"]),
             "cpu_ratio_proxy_forwarder": round(summary["proxy"]["server_cpu_ms_per_req"] / fwd["server_cpu_ms_per_req"], 2)
             if fwd["server_cpu_ms_per_req"] else None,
         }
@@ -666,10 +681,10 @@ class Bench:
                     s[t] = {"ok": 0, "errors": sum(r["errors"] for r in runs if r["target"] == t and r["level"] == conc)}
                     continue
                 s[t] = {
-                    "ttfb_p50_ms": round(statistics.median(r["ttfb_ms"]["p50"] for r in rs), 3),
-                    "ttfb_p99_ms": round(statistics.median(r["ttfb_ms"]["p99"] for r in rs), 3),
-                    "total_p50_ms": round(statistics.median(r["latency_ms"]["p50"] for r in rs), 3),
-                    "total_p99_ms": round(statistics.median(r["latency_ms"]["p99"] for r in rs), 3),
+                    "ttfb_p50_ms": med(r["ttfb_ms"]["p50"] for r in rs),
+                    "ttfb_p99_ms": med(r["ttfb_ms"]["p99"] for r in rs),
+                    "total_p50_ms": med(r["latency_ms"]["p50"] for r in rs),
+                    "total_p99_ms": med(r["latency_ms"]["p99"] for r in rs),
                     "events": rs[0].get("events_mean"),
                     "streams_per_s": round(statistics.mean(r["rps"] for r in rs), 1),
                     "ok": sum(r["ok"] for r in rs),
@@ -677,7 +692,7 @@ class Bench:
                     "server_cpu_ms_per_stream": round(statistics.median(r["cpu"]["server_ms_per_req"] for r in rs), 4),
                 }
             p, f = s.get("proxy", {}), s.get("forwarder", {})
-            if "ttfb_p50_ms" in p and "ttfb_p50_ms" in f:
+            if all(x.get(k) is not None for x in (p, f) for k in ("ttfb_p50_ms", "ttfb_p99_ms", "total_p50_ms")):
                 d_ttfb = p["ttfb_p50_ms"] - f["ttfb_p50_ms"]
                 d_total = p["total_p50_ms"] - f["total_p50_ms"]
                 chunks = max(1.0, (p["events"] or 2) - 1)
@@ -717,16 +732,16 @@ class Bench:
             rs = [r for r in runs if r["target"] == t]
             summary[t] = {
                 "rps": round(statistics.mean(r["rps"] for r in rs), 1),
-                "p50_ms": round(statistics.median(r["latency_ms"]["p50"] for r in rs), 3),
-                "p99_ms": round(statistics.median(r["latency_ms"]["p99"] for r in rs), 3),
-                "max_ms": max(r["latency_ms"]["max"] for r in rs),
+                "p50_ms": med(r["latency_ms"]["p50"] for r in rs),
+                "p99_ms": med(r["latency_ms"]["p99"] for r in rs),
+                "max_ms": maxn(r["latency_ms"]["max"] for r in rs),
                 "errors": sum(r["errors"] for r in rs),
                 "server_cpu_ms_per_req": round(statistics.median(r["cpu"]["server_ms_per_req"] for r in rs), 4),
             }
         self.results["latency"] = {
             "rate_rps": a.latency_rate, "duration_s": a.duration, "rounds": a.rounds, "runs": runs, "summary": summary,
-            "p50_delta_ms": round(summary["proxy"]["p50_ms"] - summary["forwarder"]["p50_ms"], 3),
-            "p99_delta_ms": round(summary["proxy"]["p99_ms"] - summary["forwarder"]["p99_ms"], 3),
+            "p50_delta_ms": diff(summary["proxy"]["p50_ms"], summary["forwarder"]["p50_ms"]),
+            "p99_delta_ms": diff(summary["proxy"]["p99_ms"], summary["forwarder"]["p99_ms"]),
         }
 
     def isolation(self) -> None:
@@ -773,14 +788,14 @@ class Bench:
         for t in targets:
             base = [r for r in runs if r["target"] == t and not r["big_in_flight"]]
             load = [r for r in runs if r["target"] == t and r["big_in_flight"]]
-            p99_0 = statistics.median(r["latency_ms"]["p99"] for r in base)
-            p99_1 = statistics.median(r["latency_ms"]["p99"] for r in load)
+            p99_0 = med(r["latency_ms"]["p99"] for r in base)
+            p99_1 = med(r["latency_ms"]["p99"] for r in load)
             summary[t] = {
-                "p50_without_ms": round(statistics.median(r["latency_ms"]["p50"] for r in base), 3),
-                "p50_with_ms": round(statistics.median(r["latency_ms"]["p50"] for r in load), 3),
+                "p50_without_ms": med(r["latency_ms"]["p50"] for r in base),
+                "p50_with_ms": med(r["latency_ms"]["p50"] for r in load),
                 "p99_without_ms": round(p99_0, 3), "p99_with_ms": round(p99_1, 3),
-                "p99_rise_ms": round(p99_1 - p99_0, 3),
-                "max_with_ms": max(r["latency_ms"]["max"] for r in load),
+                "p99_rise_ms": diff(p99_1, p99_0),
+                "max_with_ms": maxn(r["latency_ms"]["max"] for r in load),
                 "errors": sum(r["errors"] for r in runs if r["target"] == t),
                 "big_ok": sum((r.get("big") or {}).get("ok") or 0 for r in load),
                 "big_errors": sum((r.get("big") or {}).get("errors") or 0 for r in load),
@@ -1017,7 +1032,7 @@ def report(res: dict[str, Any]) -> str:
                        f"forwarder x{fmt(w['forwarder_rps_vs_one'], 2)}; proxy/forwarder at N={w['workers']} "
                        f"{fmt(w['ratio_proxy_forwarder'], 3)}, vs the one-process forwarder {fmt(w['ratio_proxy_vs_one_forwarder'], 3)}")
         out.append(f"p99 proxy - forwarder {fmt(t['p99_delta_ms'])} ms (target <= {TARGETS['p99_delta_max_ms']}: "
-                   f"{verdict(t['p99_delta_ms'] <= TARGETS['p99_delta_max_ms'])}); CPU per request proxy/forwarder "
+                   f"{verdict(None if t['p99_delta_ms'] is None else t['p99_delta_ms'] <= TARGETS['p99_delta_max_ms'])}); CPU per request proxy/forwarder "
                    f"{fmt(t['cpu_ratio_proxy_forwarder'])}x")
     if "stream" in res:
         s = res["stream"]
