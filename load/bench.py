@@ -180,6 +180,17 @@ def diff(a: float | None, b: float | None, nd: int = 3) -> float | None:
     return None if a is None or b is None else round(a - b, nd)
 
 
+def run_summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every closed- or open-loop phase reports per target over its rounds."""
+    return {
+        "rps": round(statistics.mean(r["rps"] for r in rs), 1),
+        "p50_ms": med(r["latency_ms"]["p50"] for r in rs),
+        "p99_ms": med(r["latency_ms"]["p99"] for r in rs),
+        "errors": sum(r["errors"] for r in rs),
+        "server_cpu_ms_per_req": med((r["cpu"]["server_ms_per_req"] for r in rs), 4),
+    }
+
+
 def descendants(pid: int) -> list[int]:
     """The process and its children, recursively (from /proc/<pid>/task/<tid>/children)."""
     out, todo = [], [pid]
@@ -556,12 +567,8 @@ class Bench:
         for t in targets:
             rs = [r for r in runs if r["target"] == t]
             summary[t] = {
-                "rps": round(statistics.mean(r["rps"] for r in rs), 1),
+                **run_summary(rs),
                 "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
-                "p50_ms": med(r["latency_ms"]["p50"] for r in rs),
-                "p99_ms": med(r["latency_ms"]["p99"] for r in rs),
-                "errors": sum(r["errors"] for r in rs),
-                "server_cpu_ms_per_req": round(statistics.median(r["cpu"]["server_ms_per_req"] for r in rs), 4),
                 "foreign_cores_mean": round(statistics.mean(r["cpu"]["foreign_cores"] for r in rs), 3),
             }
         by_round = []
@@ -731,12 +738,8 @@ class Bench:
         for t in targets:
             rs = [r for r in runs if r["target"] == t]
             summary[t] = {
-                "rps": round(statistics.mean(r["rps"] for r in rs), 1),
-                "p50_ms": med(r["latency_ms"]["p50"] for r in rs),
-                "p99_ms": med(r["latency_ms"]["p99"] for r in rs),
+                **run_summary(rs),
                 "max_ms": maxn(r["latency_ms"]["max"] for r in rs),
-                "errors": sum(r["errors"] for r in rs),
-                "server_cpu_ms_per_req": round(statistics.median(r["cpu"]["server_ms_per_req"] for r in rs), 4),
             }
         self.results["latency"] = {
             "rate_rps": a.latency_rate, "duration_s": a.duration, "rounds": a.rounds, "runs": runs, "summary": summary,

@@ -323,11 +323,7 @@ class Limiter:
     def load_minute(self, user_id: str, model: str, t: float, tokens: int) -> None:
         """Seeds one settled request of the last minute (at start; call in time order)."""
         for scope in (model, "*"):
-            key = (user_id, scope)
-            w = self.minutes.get(key)
-            if w is None:
-                w = self.minutes[key] = SlidingMinute()
-            w.add(t, tokens)
+            self._minute(user_id, scope, t).add(t, tokens)
 
     def _bucket(self, user_id: str, scope: str, period: str) -> Bucket:
         key = (user_id, scope, period)

@@ -111,11 +111,11 @@ class Meter:
         if hit is not None and hit[0] is user.overrides:
             return hit[1], hit[2]
         eff = self.effective(user)
-        models = eff.pop("models", {})
+        model_limits = eff.pop("models", {}).get(model, {})
         if len(self._split_cache) >= 50_000:  # model names come from clients: keep the cache bounded
             self._split_cache.clear()
-        self._split_cache[key] = (user.overrides, eff, models.get(model, {}))
-        return eff, models.get(model, {})
+        self._split_cache[key] = (user.overrides, eff, model_limits)
+        return eff, model_limits
 
     # -- the request path ------------------------------------------------------------------------
 

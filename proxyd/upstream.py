@@ -13,7 +13,8 @@ chunks of a stream. Any failure becomes a typed error: unreachable -> 502 naming
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+import contextlib
+from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 
@@ -106,12 +107,9 @@ class UpstreamResponse:
                 self.abort()
                 raise UpstreamUnavailable(f"Upstream answer is larger than {limit} bytes.")
             try:
-                async with asyncio.timeout(self._up.idle_timeout_s):
-                    return await self._resp.read()
-            except TimeoutError:
-                raise UpstreamTimeout(f"Upstream {self._up.base_url} went silent for {self._up.idle_timeout_s:g}s.") from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise UpstreamUnavailable(f"Connection to upstream {self._up.base_url} lost: {exc!r}.") from None
+                with self._read_errors():
+                    async with asyncio.timeout(self._up.idle_timeout_s):
+                        return await self._resp.read()
             finally:
                 self.release()
         parts, size = [], 0
@@ -130,16 +128,22 @@ class UpstreamResponse:
         content = self._resp.content
         idle = self._up.idle_timeout_s
         while True:
-            try:
+            with self._read_errors():
                 async with asyncio.timeout(idle):
                     chunk = await content.readany()
-            except TimeoutError:
-                raise UpstreamTimeout(f"Upstream {self._up.base_url} went silent for {idle:g}s.") from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise UpstreamUnavailable(f"Connection to upstream {self._up.base_url} lost: {exc!r}.") from None
             if not chunk:
                 return
             yield chunk
+
+    @contextlib.contextmanager
+    def _read_errors(self) -> Iterator[None]:
+        """A silent upstream (the idle timeout) -> 504, a broken connection -> 502."""
+        try:
+            yield
+        except TimeoutError:
+            raise UpstreamTimeout(f"Upstream {self._up.base_url} went silent for {self._up.idle_timeout_s:g}s.") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(f"Connection to upstream {self._up.base_url} lost: {exc!r}.") from None
 
     def release(self) -> None:
         """Returns the connection to the pool (body fully read)."""
