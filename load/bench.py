@@ -39,6 +39,7 @@ import io
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -189,6 +190,19 @@ def run_summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": sum(r["errors"] for r in rs),
         "server_cpu_ms_per_req": med((r["cpu"]["server_ms_per_req"] for r in rs), 4),
     }
+
+
+def ledger_counters(url: str) -> tuple[float, float] | None:
+    """(commits, writes) of a proxy's ledger from its /metrics, or None (no such metric: an older tree)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found = dict(re.findall(r"^proxyd_ledger_(commits|writes)_total ([0-9.e+]+)$", text, re.MULTILINE))
+    if len(found) != 2:
+        return None
+    return float(found["commits"]), float(found["writes"])
 
 
 def descendants(pid: int) -> list[int]:
@@ -509,6 +523,7 @@ class Bench:
         (``also``: pids of bench processes still running, e.g. a background generator)."""
         served, emu = stack.process(target), stack.emulator
         ours = [p for st in self.stacks.values() for p in st.procs()]
+        l0 = ledger_counters(stack.url(target)) if target in self.proxies() else None
         c0 = {p.name: p.cpu_s() for p in ours}
         x0 = sum(pid_cpu(pid) for pid in also or [])
         g0, (b0, _), w0 = children_cpu(), machine_cpu(), time.monotonic()
@@ -527,6 +542,11 @@ class Bench:
             "machine_busy_cores": round((b1 - b0) / wall, 3),
             "foreign_cores": round(max(0.0, (b1 - b0) - ours_cpu) / wall, 3),
         }
+        l1 = ledger_counters(stack.url(target)) if l0 else None
+        if l0 and l1 and l1[0] > l0[0]:
+            # Group commits: how many writes each carried (fewer, fuller commits cost less per row).
+            res["ledger"] = {"commits_per_s": round((l1[0] - l0[0]) / wall, 1),
+                             "writes_per_commit": round((l1[1] - l0[1]) / (l1[0] - l0[0]), 2)}
         return res
 
     def proxies(self) -> list[str]:
@@ -562,7 +582,8 @@ class Bench:
                 runs.append(r)
                 self.progress(f"throughput r{rnd} {t:9s} {r['rps']:8.1f} rps  p50 {r['latency_ms']['p50']:.2f} ms  "
                               f"p99 {r['latency_ms']['p99']:.2f} ms  errors {r['errors']}  "
-                              f"cpu/req {r['cpu']['server_ms_per_req']:.3f} ms  foreign {r['cpu']['foreign_cores']}")
+                              f"cpu/req {r['cpu']['server_ms_per_req']:.3f} ms  foreign {r['cpu']['foreign_cores']}"
+                              + (f"  writes/commit {r['ledger']['writes_per_commit']}" if "ledger" in r else ""))
         summary = {}
         for t in targets:
             rs = [r for r in runs if r["target"] == t]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 
 class Metrics:
@@ -49,10 +50,12 @@ class Metrics:
     def upstream_first_byte(self, endpoint: str, seconds: float) -> None:
         self._child(self.ttfb, endpoint).observe(seconds)
 
-    def bind(self, *, in_flight: Callable[[], int], queue_depth: Callable[[], int], commit_s: Callable[[], float]) -> None:
+    def bind(self, *, in_flight: Callable[[], int], queue_depth: Callable[[], int], commit_s: Callable[[], float],
+             commits: Callable[[], tuple[int, int]]) -> None:
         Gauge("proxyd_reservations_in_flight", "Reservations pending", registry=self.registry).set_function(in_flight)
         Gauge("proxyd_ledger_queue_depth", "Ledger writes queued", registry=self.registry).set_function(queue_depth)
         Gauge("proxyd_ledger_last_commit_seconds", "Duration of the last group commit", registry=self.registry).set_function(commit_s)
+        self.registry.register(_LedgerCommits(commits))
 
     def settled(self, ticket: Any, usage: Any) -> None:
         self._models.add(ticket.model)
@@ -71,3 +74,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LedgerCommits:
+    """Group commits and the writes they carried: writes per commit is the batching the ledger gets."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self.read = read
+
+    def collect(self):
+        commits, writes = self.read()
+        yield CounterMetricFamily("proxyd_ledger_commits", "Ledger transactions committed", value=commits)
+        yield CounterMetricFamily("proxyd_ledger_writes", "Ledger writes committed (a write: a request's row(s))",
+                                  value=writes)

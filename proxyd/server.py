@@ -135,6 +135,7 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
             in_flight=lambda: limiter.pending,
             queue_depth=lambda: store.queue_depth,
             commit_s=lambda: store.last_commit_s,
+            commits=lambda: (store.commits, store.writes),
         )
     tokens = TokenCounter(config["models"], config["model_defaults"])
     upstream = Upstream(

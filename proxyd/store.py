@@ -129,6 +129,7 @@ class Store:
         self._flush_scheduled = False
         self.last_commit_s = 0.0
         self.commits = 0
+        self.writes = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -226,6 +227,7 @@ class Store:
             results = self._commit_one_by_one(conn, batch)
         self.last_commit_s = time.perf_counter() - started
         self.commits += 1
+        self.writes += len(batch)
         by_loop: dict = {}
         for (ok, value), (_op, fut, loop) in zip(results, batch, strict=True):
             by_loop.setdefault(loop, []).append((fut, ok, value))

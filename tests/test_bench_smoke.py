@@ -34,6 +34,10 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert summary["forwarder"]["errors"] == 0, summary["forwarder"]
     assert summary["emulator"]["errors"] == 0, summary["emulator"]
     assert summary["proxy"]["errors"] == 0, summary["proxy"]
+    # The proxy's group commits are read from its /metrics around each run.
+    for run in res["throughput"]["runs"]:
+        if run["target"] == "proxy":
+            assert run["ledger"]["writes_per_commit"] >= 1, run
 
     # N=2 without coordination (load.ceiling) and two forwarders: they start, share their port and answer
     for target in ("proxy-x2-unshared", "forwarder-x2"):
@@ -59,3 +63,14 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
 
     for label, check in res["ledger_check"].items():
         assert check["ok"] is True, (label, check)
+
+
+def test_ledger_bench_runs_and_prints_both_id_kinds():
+    proc = subprocess.run(
+        [sys.executable, "-m", "load.ledger_bench", "--prefill", "0,2000", "--batch", "4", "--rows", "400"],
+        cwd=ROOT, check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert sorted((r[0], r[1]) for r in rows) == [("ordered", "0"), ("ordered", "2000"), ("random", "0"), ("random", "2000")]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows), proc.stdout

@@ -29,14 +29,19 @@ def test_chat_with_and_without_v1(world):
         assert r.id.startswith("chatcmpl-") and len(r.id) > 20  # proxyd's own unique id, not Ollama's 0..998
 
 
-def test_request_id_header_is_unique(world):
+def test_request_id_header_is_unique_and_in_time_order(world):
     key = world.new_user("alice")
-    ids = set()
-    for _ in range(3):
+    ids = []
+    for _ in range(5):
         raw = world.client(key).chat.completions.with_raw_response.create(model="llama3.2:1b", messages=MSG)
-        ids.add(raw.headers["x-request-id"])
+        ids.append(raw.headers["x-request-id"])
         assert raw.parse().id.endswith(raw.headers["x-request-id"][4:])
-    assert len(ids) == 3
+        time.sleep(0.002)  # ids order by the millisecond; within one they are random
+    assert len(set(ids)) == 5
+    # Time first, so the ledger's primary key grows at its end (load/ledger_bench.py: cheaper inserts).
+    assert ids == sorted(ids)  # random ids: 1 chance in 120
+    world.settle_all()
+    assert [r[0] for r in world.rows("SELECT id FROM requests ORDER BY rowid")] == ids
 
 
 def test_stream_arrives_chunk_by_chunk(make_world):

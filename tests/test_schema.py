@@ -235,7 +235,7 @@ def _header(response, name: str) -> str:
 
 
 def request_id(ctx, response, case) -> None:
-    assert re.fullmatch(r"req_[0-9a-f]{24}", _header(response, "x-request-id")), response.headers
+    assert re.fullmatch(r"req_[0-9a-f]{28}", _header(response, "x-request-id")), response.headers
 
 
 CHECKS = [

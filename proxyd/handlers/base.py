@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import tornado.web
@@ -35,6 +36,19 @@ from ..errors import (
 log = logging.getLogger("proxyd.http")
 
 
+def new_request_id() -> str:
+    """``req_`` + 12 hex digits of Unix milliseconds + 16 random hex digits (64 bits).
+
+    Time first because the id is the ledger's primary key: ids in arrival order append at the right
+    edge of its B-tree, where random ids put each row on a leaf page of its own, and every dirty page is
+    written to the WAL at each commit and again at checkpoint (and read back once the index outgrows
+    the cache). ``python -m load.ledger_bench``: 11 vs 30 us of SQLite CPU per row with 100k rows in the
+    ledger, 11 vs 62 us wall with 2M (batches of 8). 64 random bits make a collision within one
+    millisecond (which would overwrite a row through the upsert) practically impossible, also across
+    processes."""
+    return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"
+
+
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
 
@@ -52,7 +66,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         # Runs from __init__ (before initialize) and again whenever send_error clears the response.
         if not hasattr(self, "request_id"):
-            self.request_id = "req_" + os.urandom(12).hex()
+            self.request_id = new_request_id()
         self.set_header("Content-Type", "application/json")
         self.set_header("x-request-id", self.request_id)
         self.clear_header("Server")
