@@ -81,7 +81,7 @@ FAULTS = {
     "no_usage": None,
     "bad_json": None,
     "huge": int,  # bytes
-    "stall_after": int,  # content chunks
+    "stall_after": int,  # content chunks (stream); body bytes after the headers (non-stream)
 }
 
 _DIRECTIVE = re.compile(r"\[\[emu:([a-z_]+)=([^\]]*)\]\]")
@@ -869,6 +869,15 @@ class InferenceHandler(BaseHandler):
             self.drop_connection()
             return
         if fault is not None and fault.name == "stall_after":
+            # Headers declaring the whole length and the first N bytes, then nothing: a body read stalls.
+            data = go_json(body) + b"\n"
+            self.set_header("Content-Type", "application/json")
+            self.set_header("Content-Length", str(len(data)))
+            self.write(data[: min(fault.arg, len(data) - 1)])
+            try:
+                await self.flush()
+            except tornado.iostream.StreamClosedError:
+                return
             await self.hang_until_gone()
             return
         if fault is not None and fault.name == "bad_json":

@@ -108,6 +108,10 @@ class UpstreamResponse:
                 raise UpstreamUnavailable(f"Upstream answer is larger than {limit} bytes.")
             try:
                 with self._read_errors():
+                    if self._resp.content.is_eof():
+                        # Already all here (it usually comes in the packet with the headers): nothing to
+                        # wait for, so no timer to arm and cancel.
+                        return await self._resp.read()
                     async with asyncio.timeout(self._up.idle_timeout_s):
                         return await self._resp.read()
             finally:

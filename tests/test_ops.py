@@ -45,6 +45,18 @@ def test_first_byte_timeout_is_504_and_voided(make_world):
     assert world.rows("SELECT status, http_status FROM requests") == [("voided", 504)]
 
 
+def test_answer_stalled_after_headers_is_504_and_voided(make_world):
+    # Headers (with the full Content-Length) and a few bytes, then silence: the body read times out.
+    world = make_world(config={"upstream.idle_timeout_s": 0.3})
+    key = world.new_user("alice")
+    world.emu.add_fault("stall_after:10")
+    with pytest.raises(openai.APIStatusError) as e:  # a client timeout (no read timeout upstream) fails this
+        world.client(key, timeout=5).chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.status_code == 504 and e.value.body["code"] == "upstream_timeout"
+    world.settle_all()
+    assert world.rows("SELECT status, http_status FROM requests") == [("voided", 504)]
+
+
 def test_stalled_stream_ends_with_error_event_and_bills_relayed(make_world):
     world = make_world(config={"upstream.idle_timeout_s": 0.3})
     key = world.new_user("alice")
