@@ -220,6 +220,40 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+# Run inside a proxyd tree (its own migrations and request ids): settled rows of another user, finished
+# long ago (so neither today's limits nor the last-minute windows see them), ids as that tree makes them.
+PREFILL = r"""
+import os, sqlite3, sys
+from sqlite_utils import Database
+from proxyd.migrations import migrations
+try:
+    from proxyd.handlers.base import new_request_id
+except ImportError:  # trees before time-ordered ids
+    def new_request_id():
+        return "req_" + os.urandom(12).hex()
+path, n = sys.argv[1], int(sys.argv[2])
+conn = sqlite3.connect(path, isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+migrations.apply(Database(conn))
+sql = ("INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, http_status, day, created_at,"
+       " finished_at, latency_ms, reserved_prompt, reserved_completion, prompt_tokens, completion_tokens,"
+       " usage_source, input_price_nusd_per_mtok, output_price_nusd_per_mtok, cost_nusd)"
+       " VALUES (?, 'history', 'key_history', 'llama3.2:1b', 'chat.completions', 0, 'settled', 200, '2026-01-01',"
+       " '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.010Z', 10, 26, 32, 26, 13, 'reported', 20000, 50000, 1170)")
+conn.execute("BEGIN")
+for i in range(0, n, 10000):
+    conn.executemany(sql, [(new_request_id(),) for _ in range(min(10000, n - i))])
+conn.execute("COMMIT")
+conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+conn.close()
+"""
+
+
+def prefill_ledger(root: Path, db: Path, rows: int) -> None:
+    """--ledger-rows: a ledger that already holds many rows, as after months of use."""
+    subprocess.run([PY, "-c", PREFILL, str(db), str(rows)], cwd=root, check=True, timeout=1800)
+
+
 class Proc:
     def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> None:
@@ -342,6 +376,9 @@ class Stack:
                 "default": {"input_per_million_usd": 0.10, "output_per_million_usd": 0.20},
             },
         }, indent=1))
+        if bench.args.ledger_rows:
+            bench.progress(f"pre-filling each proxy's ledger with {bench.args.ledger_rows} rows ({label})")
+            prefill_ledger(ROOT, self.db, bench.args.ledger_rows)
         self.proxy = Proc(f"proxy-{label}", [PY, "app.py", "--config", str(cfg)], d, env)
         # Other proxyd trees (e.g. patched copies): same config, each its own port and database.
         self.candidates: dict[str, Proc] = {}
@@ -353,6 +390,8 @@ class Stack:
             doc["server"]["port"] = port
             doc["database"]["path"] = str(d / f"{name}-{label}.db")
             cfg2.write_text(json.dumps(doc, indent=1))
+            if bench.args.ledger_rows:
+                prefill_ledger(root, Path(doc["database"]["path"]), bench.args.ledger_rows)
             self.candidates[name] = Proc(f"{name}-{label}", [PY, str(root / "app.py"), "--config", str(cfg2)], d, env,
                                          cwd=root)
         self.forwarder = Proc(f"forwarder-{label}", [PY, "-m", "load.forwarder", "--port", str(self.fwd_port),
@@ -1146,6 +1185,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--candidate", metavar="DIR", action="append", default=[],
                    help="another proxyd tree (e.g. a patched copy) benchmarked alongside the proxy, as target "
                         "'cand:<dir name>' (repeatable)")
+    p.add_argument("--ledger-rows", metavar="N", type=int, default=0,
+                   help="start each proxy (and candidate) on a ledger that already holds N settled rows of "
+                        "another user, written with that tree's own request ids (a ledger after months of use)")
     p.add_argument("--workers-ceiling", metavar="N", type=int, default=0,
                    help="throughput: also N proxy processes sharing the port without coordination (load.ceiling: "
                         "limits not shared, so the most N workers could give) and N forwarders")
