@@ -4,6 +4,7 @@
     python -m load.bench --quick               # a few seconds per phase (the smoke test)
     python -m load.bench --soak 600            # the phases, then a 10-minute mixed soak with faults
     python -m load.bench --phases throughput --rounds 5 --duration 20 --json /tmp/r.json
+    python -m load.bench --phases throughput,latency --ledger-rows 3000000   # on a ledger of months
 
 Everything runs on loopback in subprocesses on free ports: the Ollama emulator with instant answers
 (and a second one with a per-token delay, for streams), proxyd (temp database, temp config with
@@ -243,6 +244,9 @@ sql = ("INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, stat
 conn.execute("BEGIN")
 for i in range(0, n, 10000):
     conn.executemany(sql, [(new_request_id(),) for _ in range(min(10000, n - i))])
+# ...and their daily aggregate, as the writer keeps it (GET /admin/ledger/check compares the two).
+conn.execute("INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)"
+             " VALUES ('history', 'llama3.2:1b', '2026-01-01', ?, ?, ?, ?)", (n, 26 * n, 13 * n, 1170 * n))
 conn.execute("COMMIT")
 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 conn.close()

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_quick_runs_and_writes_results(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "load.bench", "--quick", "--soak", "3", "--workers-ceiling", "2", "--quiet", "--json", str(out)],
+        [sys.executable, "-m", "load.bench", "--quick", "--soak", "3", "--workers-ceiling", "2", "--ledger-rows", "1000",
+         "--quiet", "--json", str(out)],
         cwd=ROOT,
         check=False,
         capture_output=True,
