@@ -245,8 +245,11 @@ conn.execute("BEGIN")
 for i in range(0, n, 10000):
     conn.executemany(sql, [(new_request_id(),) for _ in range(min(10000, n - i))])
 # ...and their daily aggregate, as the writer keeps it (GET /admin/ledger/check compares the two).
-conn.execute("INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)"
-             " VALUES ('history', 'llama3.2:1b', '2026-01-01', ?, ?, ?, ?)", (n, 26 * n, 13 * n, 1170 * n))
+priced = "input_price_nusd_per_mtok" in {r[1] for r in conn.execute("PRAGMA table_info(usage_daily)")}  # m004
+conn.execute("INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd"
+             + (", input_price_nusd_per_mtok, output_price_nusd_per_mtok) VALUES (?, ?, ?, ?, ?, ?, ?, 20000, 50000)"
+                if priced else ") VALUES (?, ?, ?, ?, ?, ?, ?)"),
+             ("history", "llama3.2:1b", "2026-01-01", n, 26 * n, 13 * n, 1170 * n))
 conn.execute("COMMIT")
 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 conn.close()

@@ -185,7 +185,7 @@ class Meter:
         if self.metrics:
             self.metrics.settled(ticket, usage)
         row = _row(ticket, "settled", http_status=http_status, usage=usage, price=(in_price, out_price), cost=cost)
-        daily = (ticket.caller.user.user_id, ticket.model, day_key(ticket.hold.admitted_at), 1,
+        daily = (ticket.caller.user.user_id, ticket.model, day_key(ticket.hold.admitted_at), in_price, out_price, 1,
                  usage.prompt_tokens, usage.completion_tokens, cost)
 
         await self.store.submit([(_UPSERT, row), (_DAILY, daily)])
@@ -311,16 +311,18 @@ _UPSERT = Upsert(
 )
 
 
-# Params: (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd); the store sums
-# the rows of one commit that share (user_id, model, day).
+# Params: (user_id, model, day, input price, output price, requests, prompt_tokens, completion_tokens,
+# cost_nusd); the store sums the rows of one commit that share the first five (migration m004: keyed by
+# price so that invoices, a line per price in force, read aggregates too).
 _DAILY = Additive(
-    "INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd)",
-    "(?, ?, ?, ?, ?, ?, ?)",
-    " ON CONFLICT (user_id, model, day) DO UPDATE SET"
+    "INSERT INTO usage_daily (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok, requests,"
+    " prompt_tokens, completion_tokens, cost_nusd)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " ON CONFLICT (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok) DO UPDATE SET"
     " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens,"
     " cost_nusd = cost_nusd + excluded.cost_nusd",
-    key_len=3,
+    key_len=5,
 )
 
 

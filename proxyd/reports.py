@@ -1,7 +1,7 @@
 """Read-side queries: usage, invoices and the ledger consistency check. Run on the store's reader.
 
-Usage reads come from the per-day aggregates (a few rows per user and model per day, whatever the
-traffic); invoices read the month's settled rows so that each price in force gets its own line.
+Usage and invoices read the per-day aggregates (a few rows per user, model, price and day, whatever the
+traffic), never the request rows; only the consistency check reads those.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ def _usage_row(key: dict[str, Any], requests: int, prompt: int, completion: int,
 
 def invoices(conn: sqlite3.Connection, *, period: str, user_id: str | None) -> list[dict[str, Any]]:
     """In-arrears invoices for a calendar month: a line per model and price, the total, open/closed."""
-    where, params = ["status = 'settled'", "day >= ?", "day < ?"], [period + "-01", period + "-32"]
+    where, params = ["day >= ?", "day < ?"], [period + "-01", period + "-32"]
     if user_id is not None:
         where.append("user_id = ?")
         params.append(user_id)
     rows = conn.execute(
-        "SELECT user_id, model, input_price_nusd_per_mtok, output_price_nusd_per_mtok, COUNT(*),"
-        " SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_nusd) FROM requests"
+        "SELECT user_id, model, input_price_nusd_per_mtok, output_price_nusd_per_mtok, SUM(requests),"
+        " SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_nusd) FROM usage_daily"
         f" WHERE {' AND '.join(where)} GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
         params,
     ).fetchall()
@@ -90,13 +90,20 @@ def consistency(conn: sqlite3.Connection) -> dict[str, Any]:
     diffs = conn.execute(
         """
         WITH r AS (
-            SELECT user_id, model, day, COUNT(*) AS requests, SUM(prompt_tokens) AS p,
-                   SUM(completion_tokens) AS c, SUM(cost_nusd) AS cost
-            FROM requests WHERE status = 'settled' GROUP BY 1, 2, 3
-        ), keys AS (SELECT user_id, model, day FROM r UNION SELECT user_id, model, day FROM usage_daily)
-        SELECT k.user_id, k.model, k.day, r.requests, u.requests, r.p, u.prompt_tokens, r.c, u.completion_tokens,
-               r.cost, u.cost_nusd
-        FROM keys k LEFT JOIN r USING (user_id, model, day) LEFT JOIN usage_daily u USING (user_id, model, day)
+            SELECT user_id, model, day, COALESCE(input_price_nusd_per_mtok, 0) AS input_price_nusd_per_mtok,
+                   COALESCE(output_price_nusd_per_mtok, 0) AS output_price_nusd_per_mtok, COUNT(*) AS requests,
+                   SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, SUM(cost_nusd) AS cost
+            FROM requests WHERE status = 'settled' GROUP BY 1, 2, 3, 4, 5
+        ), keys AS (
+            SELECT user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok FROM r
+            UNION
+            SELECT user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok FROM usage_daily
+        )
+        SELECT k.user_id, k.model, k.day, k.input_price_nusd_per_mtok, k.output_price_nusd_per_mtok,
+               r.requests, u.requests, r.p, u.prompt_tokens, r.c, u.completion_tokens, r.cost, u.cost_nusd
+        FROM keys k
+        LEFT JOIN r USING (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok)
+        LEFT JOIN usage_daily u USING (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok)
         WHERE COALESCE(r.requests, 0) != COALESCE(u.requests, 0) OR COALESCE(r.p, 0) != COALESCE(u.prompt_tokens, 0)
            OR COALESCE(r.c, 0) != COALESCE(u.completion_tokens, 0) OR COALESCE(r.cost, 0) != COALESCE(u.cost_nusd, 0)
         """

@@ -1,0 +1,89 @@
+"""Schema migrations: a blank database gets the current schema, and a ledger written by an older proxyd
+is carried forward without losing or changing a billed amount."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from sqlite_utils import Database
+
+from proxyd import reports
+from proxyd.migrations import migrations
+
+
+def columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def primary_key(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r[1] for r in sorted((r for r in conn.execute(f"PRAGMA table_info({table})") if r[5]), key=lambda r: r[5])]
+
+
+def test_blank_database_gets_the_current_schema():
+    conn = sqlite3.connect(":memory:")
+    migrations.apply(Database(conn))
+    assert [m.name for m in migrations.applied(Database(conn))] == [
+        "m001_users_and_keys", "m002_ledger", "m003_pending_index_only", "m004_daily_aggregates_by_price"]
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"users", "api_keys", "requests", "usage_daily"} <= tables
+    assert not {t for t in tables if t.startswith("usage_daily_")}
+    assert primary_key(conn, "requests") == ["id"]
+    assert primary_key(conn, "usage_daily") == [
+        "user_id", "model", "day", "input_price_nusd_per_mtok", "output_price_nusd_per_mtok"]
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+    assert {"idx_requests_user_id_day", "idx_requests_pending", "idx_usage_daily_day"} <= indexes
+    assert "idx_requests_status" not in indexes  # m003
+
+
+ROW = ("INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at, prompt_tokens,"
+       " completion_tokens, input_price_nusd_per_mtok, output_price_nusd_per_mtok, cost_nusd)"
+       " VALUES (?, ?, 'k', ?, 'chat.completions', 0, ?, ?, '2026-03-01T00:00:00.000Z', ?, ?, ?, ?, ?)")
+
+
+def test_m004_rebuilds_daily_aggregates_by_price_from_the_request_rows():
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    db = Database(conn)
+    migrations.apply(db, stop_before="m004_daily_aggregates_by_price")
+    assert "input_price_nusd_per_mtok" not in columns(conn, "usage_daily")
+    # A day with a price change for alice (two prices), bob on another day, and rows that bill nothing.
+    rows = [
+        ("r1", "alice", "m", "settled", "2026-03-01", 10, 5, 1_000_000, 2_000_000, 20_000),
+        ("r2", "alice", "m", "settled", "2026-03-01", 20, 5, 1_000_000, 2_000_000, 30_000),
+        ("r3", "alice", "m", "settled", "2026-03-01", 10, 10, 3_000_000, 6_000_000, 90_000),
+        ("r4", "bob", "m", "settled", "2026-03-02", 7, 0, 1_000_000, 2_000_000, 7_000),
+        ("r5", "bob", "m", "voided", "2026-03-02", None, None, None, None, None),
+        ("r6", "bob", "m", "expired", "2026-03-02", None, None, None, None, None),
+    ]
+    conn.executemany(ROW, rows)
+    # The aggregates an older proxyd kept: one row per user, model and day.
+    conn.executemany("INSERT INTO usage_daily VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     [("alice", "m", "2026-03-01", 3, 40, 20, 140_000), ("bob", "m", "2026-03-02", 1, 7, 0, 7_000)])
+
+    migrations.apply(db)
+
+    got = conn.execute("SELECT user_id, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok, requests,"
+                       " prompt_tokens, completion_tokens, cost_nusd FROM usage_daily ORDER BY 1, 2, 3").fetchall()
+    assert got == [
+        ("alice", "2026-03-01", 1_000_000, 2_000_000, 2, 30, 10, 50_000),
+        ("alice", "2026-03-01", 3_000_000, 6_000_000, 1, 10, 10, 90_000),
+        ("bob", "2026-03-02", 1_000_000, 2_000_000, 1, 7, 0, 7_000),
+    ]
+    assert reports.consistency(conn)["ok"] is True
+    # Totals per user and day did not move; the invoice now has a line per price from the aggregates.
+    assert conn.execute("SELECT SUM(requests), SUM(cost_nusd) FROM usage_daily WHERE user_id = 'alice'").fetchone() \
+        == (3, 140_000)
+    (invoice,) = reports.invoices(conn, period="2026-03", user_id="alice")
+    assert [(line["requests"], line["cost_usd"]) for line in invoice["lines"]] == [(2, "0.000050000"), (1, "0.000090000")]
+    assert invoice["total_usd"] == "0.000140000"
+
+
+def test_consistency_check_sees_an_aggregate_that_disagrees_on_price():
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.apply(Database(conn))
+    conn.execute(ROW, ("r1", "alice", "m", "settled", "2026-03-01", 10, 5, 1_000_000, 2_000_000, 20_000))
+    conn.execute("INSERT INTO usage_daily VALUES ('alice', 'm', '2026-03-01', 1000000, 2000000, 1, 10, 5, 20000)")
+    assert reports.consistency(conn)["ok"] is True
+    # Same totals, booked under another price: the invoice line would be wrong, so the check must say so.
+    conn.execute("UPDATE usage_daily SET input_price_nusd_per_mtok = 9")
+    check = reports.consistency(conn)
+    assert check["ok"] is False and len(check["mismatches"]) == 2
