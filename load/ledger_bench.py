@@ -55,8 +55,8 @@ def measure(directory: Path, kind: str, prefill: int, rows: int, batch: int) -> 
     conn = ledger(path)
     make_id = ID_KINDS[kind]
     conn.execute("BEGIN")
-    for _ in range(0, prefill, 1000):
-        conn.executemany(str(_UPSERT), [row(make_id()) for _ in range(1000)])
+    for i in range(0, prefill, 1000):
+        conn.executemany(str(_UPSERT), [row(make_id()) for _ in range(min(1000, prefill - i))])
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     max_params = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)

@@ -6,8 +6,11 @@ resulting schema of a blank database.
 
 from __future__ import annotations
 
+import logging
+
 from sqlite_utils import Database, Migrations
 
+log = logging.getLogger("proxyd.migrations")
 migrations = Migrations("proxyd")
 
 
@@ -110,6 +113,8 @@ def m004_daily_aggregates_by_price(db: Database) -> None:
             "cost_nusd": int,
         },
         pk=("user_id", "model", "day", "input_price_nusd_per_mtok", "output_price_nusd_per_mtok"),
+        # NULL in a key column would never match ON CONFLICT: every settle would add a row instead.
+        not_null={"user_id", "model", "day", "input_price_nusd_per_mtok", "output_price_nusd_per_mtok"},
     )
     db["usage_daily"].create_index(["day"])
     db.execute(
@@ -118,4 +123,21 @@ def m004_daily_aggregates_by_price(db: Database) -> None:
         " SUM(COALESCE(completion_tokens, 0)), SUM(COALESCE(cost_nusd, 0))"
         " FROM requests WHERE status = 'settled' GROUP BY 1, 2, 3, 4, 5"
     )
+    # Old aggregates that disagreed with the rows (which /admin/ledger/check would have reported) change
+    # here: usage figures and the limits' day/month/total follow the rows from now on. Say so, with the
+    # figures, so that a changed usage report or quota can be explained.
+    changed = db.execute(
+        "WITH n AS (SELECT user_id, model, day, SUM(requests) AS r, SUM(prompt_tokens) AS p,"
+        " SUM(completion_tokens) AS c, SUM(cost_nusd) AS cost FROM usage_daily GROUP BY 1, 2, 3),"
+        " k AS (SELECT user_id, model, day FROM n UNION SELECT user_id, model, day FROM usage_daily_m002)"
+        " SELECT k.user_id, k.model, k.day, COALESCE(o.requests, 0), COALESCE(n.r, 0), COALESCE(o.prompt_tokens, 0),"
+        " COALESCE(n.p, 0), COALESCE(o.completion_tokens, 0), COALESCE(n.c, 0), COALESCE(o.cost_nusd, 0),"
+        " COALESCE(n.cost, 0) FROM k LEFT JOIN n USING (user_id, model, day)"
+        " LEFT JOIN usage_daily_m002 o USING (user_id, model, day)"
+        " WHERE COALESCE(o.requests, 0) != COALESCE(n.r, 0) OR COALESCE(o.prompt_tokens, 0) != COALESCE(n.p, 0)"
+        " OR COALESCE(o.completion_tokens, 0) != COALESCE(n.c, 0) OR COALESCE(o.cost_nusd, 0) != COALESCE(n.cost, 0)"
+    ).fetchall()
+    for row in changed:
+        log.warning("m004: daily aggregate of user %s, model %s, day %s rebuilt from the request rows: requests %s -> %s,"
+                    " prompt tokens %s -> %s, completion tokens %s -> %s, cost (nano-USD) %s -> %s", *row)
     db.execute("DROP TABLE usage_daily_m002")

@@ -231,8 +231,10 @@ class Store:
                 pass
             results = self._commit_one_by_one(conn, batch)
         self.last_commit_s = time.perf_counter() - started
-        self.commits += 1
-        self.writes += len(batch)
+        committed = sum(1 for ok, _ in results if ok)
+        if committed:  # what reached the disk: a batch whose COMMIT failed counts nothing
+            self.commits += 1
+            self.writes += committed
         by_loop: dict = {}
         for (ok, value), (_op, fut, loop) in zip(results, batch, strict=True):
             by_loop.setdefault(loop, []).append((fut, ok, value))

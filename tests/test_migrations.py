@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 from sqlite_utils import Database
 
 from proxyd import reports
@@ -33,6 +34,8 @@ def test_blank_database_gets_the_current_schema():
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
     assert {"idx_requests_user_id_day", "idx_requests_pending", "idx_usage_daily_day"} <= indexes
     assert "idx_requests_status" not in indexes  # m003
+    with pytest.raises(sqlite3.IntegrityError):  # a NULL price would never meet ON CONFLICT: one row per settle
+        conn.execute("INSERT INTO usage_daily VALUES ('a', 'm', '2026-03-01', NULL, 0, 1, 1, 1, 1)")
 
 
 ROW = ("INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at, prompt_tokens,"
@@ -87,3 +90,20 @@ def test_consistency_check_sees_an_aggregate_that_disagrees_on_price():
     conn.execute("UPDATE usage_daily SET input_price_nusd_per_mtok = 9")
     check = reports.consistency(conn)
     assert check["ok"] is False and len(check["mismatches"]) == 2
+
+
+def test_m004_reports_old_aggregates_that_disagreed_with_the_rows(caplog):
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    db = Database(conn)
+    migrations.apply(db, stop_before="m004_daily_aggregates_by_price")
+    conn.execute(ROW, ("r1", "alice", "m", "settled", "2026-03-01", 10, 5, 1_000_000, 2_000_000, 20_000))
+    conn.executemany("INSERT INTO usage_daily VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     [("alice", "m", "2026-03-01", 2, 10, 5, 20_000),  # one request too many
+                      ("carol", "m", "2026-03-01", 1, 3, 3, 900)])  # no rows behind it at all
+    with caplog.at_level("WARNING", logger="proxyd.migrations"):
+        migrations.apply(db)
+    warnings = sorted(r.getMessage() for r in caplog.records if r.name == "proxyd.migrations")
+    assert len(warnings) == 2, warnings
+    assert "user alice" in warnings[0] and "requests 2 -> 1" in warnings[0]
+    assert "user carol" in warnings[1] and "cost (nano-USD) 900 -> 0" in warnings[1]
+    assert conn.execute("SELECT user_id, requests FROM usage_daily").fetchall() == [("alice", 1)]
