@@ -1,4 +1,4 @@
-"""The SQLite store: one writer thread for every write, a reader thread for queries.
+"""The SQLite store: one writer thread for every write, a reader thread for queries, one for ledger scans.
 
 Why one writer: SQLite allows one writer at a time anyway; funnelling every write through one
 thread and one connection means no SQLITE_BUSY, no write-lock contention with the event loop, and
@@ -124,6 +124,11 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-read")
         self._read_conn: sqlite3.Connection | None = None
+        # Whole-ledger scans (the consistency check: 3.7 s at 3M rows) get a thread and connection of
+        # their own, so users' usage and invoice reads never queue behind one; scans queue behind each
+        # other, so at most one runs at a time.
+        self._scan_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-scan")
+        self._scan_conn: sqlite3.Connection | None = None
         self.queue_depth = 0
         self._pending: list = []  # ops submitted during this loop iteration, handed over in one put
         self._flush_scheduled = False
@@ -150,6 +155,8 @@ class Store:
         self._write_conn = conn
         self._read_conn = sqlite3.connect(self.path, check_same_thread=False, timeout=5.0)
         self._read_conn.row_factory = sqlite3.Row
+        self._scan_conn = sqlite3.connect(self.path, check_same_thread=False, timeout=5.0)
+        self._scan_conn.row_factory = sqlite3.Row
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
         return expired
@@ -166,8 +173,10 @@ class Store:
         await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
         self._writer = None
         self._reader_pool.shutdown(wait=True)
-        if self._read_conn is not None:
-            self._read_conn.close()
+        self._scan_pool.shutdown(wait=True)
+        for conn in (self._read_conn, self._scan_conn):
+            if conn is not None:
+                conn.close()
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -270,6 +279,11 @@ class Store:
         """Runs a query function on the reader thread (WAL: readers never block the writer)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader_pool, fn, self._read_conn)
+
+    async def scan(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Like ``read``, for queries over the whole ledger: on their own thread (see __init__)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._scan_pool, fn, self._scan_conn)
 
     def read_now(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Synchronous read, for start-up only (before the loop serves anyone)."""

@@ -52,3 +52,33 @@ def test_summed_counters_equal_one_statement_per_row():
     query = "SELECT k1, k2, hits, total FROM c ORDER BY 1, 2"
     assert batched.execute(query).fetchall() == one_by_one.execute(query).fetchall() == [
         ("u1", "m", 3, 15), ("u1", "x", 1, 1), ("u2", "m", 1, 5)]
+
+
+def test_a_ledger_scan_does_not_hold_up_reads(tmp_path):
+    # The consistency check scans every request row (seconds on a large ledger); a user's usage read
+    # issued meanwhile must not wait for it.
+    import asyncio
+    import threading
+
+    from proxyd.store import Store
+
+    async def go() -> None:
+        store = Store(str(tmp_path / "ledger.db"))
+        store.open()
+        store.bind_loop(asyncio.get_running_loop())
+        release = threading.Event()
+
+        def slow_scan(conn):
+            release.wait(10)
+            return conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+
+        scan = asyncio.ensure_future(store.scan(slow_scan))
+        try:
+            got = await asyncio.wait_for(store.read(lambda c: c.execute("SELECT 42").fetchone()[0]), 5)
+            assert got == 42 and not scan.done()
+        finally:
+            release.set()
+        assert await scan == 0
+        await store.close()
+
+    asyncio.run(go())

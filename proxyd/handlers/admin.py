@@ -125,6 +125,6 @@ class InvoicesHandler(AdminHandler):
 
 class ConsistencyHandler(AdminHandler):
     async def get(self) -> None:
-        result = await self.ctx.store.read(reports.consistency)
+        result = await self.ctx.store.scan(reports.consistency)
         result["reserved_in_flight"] = self.ctx.meter.limiter.pending
         self.send_json(result)
