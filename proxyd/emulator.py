@@ -285,7 +285,22 @@ def decode_body(raw: bytes) -> tuple[Any, Optional[str]]:
         if word.startswith("-"):
             return None, "invalid character 'I' in numeric literal"
         return None, f"invalid character '{word[0]}' looking for beginning of value"
+    if b"\\ud" in raw.lower():  # a \uXXXX escape in the surrogate range (the common case skips the walk)
+        value = _replace_lone_surrogates(value)
     return value, None
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """Go's decoder turns an escaped lone UTF-16 surrogate into U+FFFD instead of failing (encoding/json:
+    "invalid UTF-16 surrogate pairs are not treated as an error"); Python keeps it as a code point that
+    cannot be encoded as UTF-8 later (which made the emulator answer 500)."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _go_kind(value: Any) -> str:

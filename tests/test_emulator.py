@@ -309,6 +309,23 @@ def test_embeddings_float_base64_and_errors() -> None:
 # -- models ------------------------------------------------------------------------------------
 
 
+def test_lone_surrogate_escapes_become_replacement_characters_as_in_go() -> None:
+    # Go's JSON decoder maps an escaped lone UTF-16 surrogate to U+FFFD; the emulator used to keep it and
+    # answer 500 when it later encoded the text.
+    async def go() -> None:
+        async with emulator(embedding_dims=8) as (url, _):
+            lone = b'{"model": "nomic-embed-text", "input": "hi \\ud800 there"}'
+            fixed = '{"model": "nomic-embed-text", "input": "hi \ufffd there"}'.encode()
+            status, _, got = await post(url, "/v1/embeddings", raw=lone)
+            assert status == 200, got
+            assert json.loads(got)["data"] == json.loads((await post(url, "/v1/embeddings", raw=fixed))[2])["data"]
+            status, _, got = await post(url, "/v1/chat/completions", raw=b'{"model": "llama3.2:1b", "stream": true,'
+                                        b' "messages": [{"role": "user", "content": "\\udfff"}]}')
+            assert status == 200 and sse_events(got)[-1] == "[DONE]", got
+
+    run(go())
+
+
 def test_models_list_retrieve_and_404() -> None:
     async def go() -> None:
         async with emulator() as (url, _):
