@@ -202,6 +202,53 @@ def test_body_too_large_is_413(make_world):
     assert world.rows("SELECT COUNT(*) FROM requests") == [(0,)]
 
 
+def _send_headers(port: int, key: str | None, declared: int, body_start: bytes = b"{") -> socket.socket:
+    """Opens a connection and sends a chat request's headers and the first bytes of its body only."""
+    s = socket.create_connection(("127.0.0.1", port))
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\n"
+              f"Content-Length: {declared}\r\n\r\n".encode() + body_start)
+    return s
+
+
+def _status_without_sending_the_rest(s: socket.socket) -> int:
+    s.settimeout(5)  # a server that waits for the rest of the body times this out: the test fails
+    head = s.recv(65536).split(b"\r\n", 1)[0]
+    return int(head.split()[1])
+
+
+def test_refusals_come_before_the_body_is_read(make_world):
+    # A request proxyd will refuse is refused from its headers, without waiting for (or holding) its body:
+    # no key, a declared body over the limit, a key at its cap on open requests.
+    world = make_world(config={"server.max_connections_per_key": 1, "server.max_body_bytes": 100_000},
+                       emulator={"token_delay_s": 0.2})
+    key = world.new_user("alice")
+    with _send_headers(world.port, None, 50_000) as s:
+        assert _status_without_sending_the_rest(s) == 401
+    with _send_headers(world.port, key, 500_000) as s:
+        assert _status_without_sending_the_rest(s) == 413
+    stream = world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG, stream=True)
+    next(iter(stream))  # alice's one allowed request is open
+    with _send_headers(world.port, key, 50_000) as s:
+        assert _status_without_sending_the_rest(s) == 429
+    stream.close()
+
+
+def test_a_small_request_with_a_valid_key_is_read_whole_first(make_world):
+    # The buffered path (BaseHandler.buffered_twin): Tornado reads the body before prepare() runs, so
+    # nothing is admitted or counted while the body is still arriving; it is answered once it has arrived.
+    world = make_world()
+    key = world.new_user("alice")
+    body = json.dumps({"model": "llama3.2:1b", "messages": MSG, "max_tokens": 3}).encode()
+    with _send_headers(world.port, key, len(body), body[:10]) as s:
+        time.sleep(0.3)
+        assert (world.ctx.in_flight, dict(world.ctx.open_per_key)) == (0, {})  # streaming would show 1 here
+        s.sendall(body[10:])
+        assert _status_without_sending_the_rest(s) == 200
+    world.settle_all()
+    assert world.rows("SELECT status, completion_tokens FROM requests") == [("settled", 3)]
+
+
 def test_upstream_down_is_502_naming_it(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
