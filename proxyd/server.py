@@ -223,18 +223,9 @@ def admin_routes() -> list[tuple[str, type]]:
     ]
 
 
-class ProxydApplication(tornado.web.Application):
-    """Routes a request to its handler's buffered twin when its headers allow (BaseHandler.buffered_twin)."""
-
-    def get_handler_delegate(self, request, target_class, target_kwargs=None, path_args=None, path_kwargs=None):
-        if issubclass(target_class, BaseHandler) and target_kwargs and target_class.buffer_ok(request, target_kwargs["ctx"]):
-            target_class = target_class.buffered_twin()
-        return super().get_handler_delegate(request, target_class, target_kwargs, path_args, path_kwargs)
-
-
 def make_app(ctx: Context, *, api: bool = True, admin_api: bool = True) -> tornado.web.Application:
     routes = (api_routes() if api else []) + (admin_routes() if admin_api else [])
-    return ProxydApplication(
+    return tornado.web.Application(
         [(pattern, handler, {"ctx": ctx}) for pattern, handler in routes],
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},

@@ -53,36 +53,8 @@ class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
 
 
-# Bodies up to this size may take the buffered path (``BaseHandler.buffered_twin``); see there.
-BUFFERED_BODY_MAX = 1 << 20
-
-
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):
-    buffered = False  # True on a buffered twin: Tornado read the whole body before prepare()
-
-    @classmethod
-    def buffer_ok(cls, request, ctx) -> bool:
-        """Whether this request may skip streaming (see ``buffered_twin``). Off unless a handler says so."""
-        return False
-
-    @classmethod
-    def buffered_twin(cls) -> type["BaseHandler"]:
-        """The same handler without ``stream_request_body``: Tornado reads the body, then runs prepare().
-
-        Streaming is what lets prepare() refuse a request (no key, a body over the limit) before a byte
-        of its body is read, but it costs every request two more futures and loop turns: the buffered
-        twin measured +8% rps and -7% CPU per request (``load.bench --candidate``). So the application
-        (``server.ProxydApplication``) picks the twin only for requests that ``buffer_ok`` clears from
-        their headers alone; everything else streams as before.
-        """
-        twin = cls.__dict__.get("_buffered_twin")
-        if twin is None:
-            # Same name, so metrics and logs label it as the handler it is.
-            twin = type(cls.__name__, (cls,), {"_stream_request_body": False, "buffered": True})
-            cls._buffered_twin = twin
-        return twin
-
     def initialize(self, ctx) -> None:  # ctx: proxyd.server.Context, given by the route table
         self.ctx = ctx
         self.caller = None
@@ -141,7 +113,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if self._too_large:
             limit = self.ctx.config["server.max_body_bytes"]
             raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        raw = self.request.body if self.buffered else b"".join(self._body_parts)
+        raw = b"".join(self._body_parts)
         if not raw or raw.isspace():
             raise InvalidRequest("Request body is empty; expected a JSON object.")
         try:

@@ -23,7 +23,7 @@ from .. import jsonio, validate
 from ..errors import ProxyError, UpstreamError, UpstreamUnavailable, openai_type_for_status
 from ..meter import Ticket, Usage
 from ..sse import DONE, SSEParser, event
-from .base import BUFFERED_BODY_MAX, BaseHandler, ClientGone
+from .base import BaseHandler, ClientGone
 
 log = logging.getLogger("proxyd.proxy")
 
@@ -43,27 +43,6 @@ class ProxyHandler(BaseHandler):
     endpoint = ""  # ledger name, e.g. "chat.completions"
     upstream_path = ""
     id_prefix = ""
-
-    @classmethod
-    def buffer_ok(cls, request, ctx) -> bool:
-        """The buffered path (``BaseHandler.buffered_twin``) for a request whose headers alone show that
-        streaming would not refuse it early: a declared body within server.max_body_bytes and at most
-        BUFFERED_BODY_MAX (so no client can make proxyd hold more before prepare() has run), no chunked
-        encoding, and a valid key under its cap on open requests. Anything else streams, so prepare()
-        refuses it before reading the body."""
-        headers = request.headers
-        length = headers.get("Content-Length")
-        if length is None or not length.isdigit() or "Transfer-Encoding" in headers:
-            return False
-        if int(length) > min(BUFFERED_BODY_MAX, ctx.config["server.max_body_bytes"]):
-            return False
-        if ctx.shutting_down:
-            return False
-        try:
-            caller = ctx.accounts.authenticate(headers.get("Authorization"))
-        except ProxyError:
-            return False
-        return ctx.open_per_key.get(caller.key_id, 0) < ctx.config["server.max_connections_per_key"]
 
     def prepare(self) -> None:
         super().prepare()
