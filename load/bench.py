@@ -1096,6 +1096,11 @@ def report(res: dict[str, Any]) -> str:
         for name, c in (t.get("candidates") or {}).items():
             out.append(f"{name}: rps vs proxy {fmt(c['ratio_proxy'], 3)} (per round {c['ratio_proxy_by_round']}), "
                        f"vs forwarder {fmt(c['ratio_forwarder'], 3)}, CPU per request vs proxy {fmt(c['cpu_ratio_proxy'], 3)}")
+            rounds = [r for r in c["ratio_proxy_by_round"] if r is not None]
+            if rounds and min(rounds) < 1 < max(rounds):
+                # Seen here: 4 rounds showing +8% for a change that 8 rounds put at -4% (docs/DESIGN.md).
+                out.append(f"  rounds disagree on the sign ({min(rounds)} .. {max(rounds)}): not a measured difference"
+                           + (" yet; run 8 rounds or more" if len(rounds) < 8 else ""))
         if t.get("workers_ceiling"):
             w = t["workers_ceiling"]
             out.append(f"N={w['workers']} (uncoordinated ceiling): proxy rps x{fmt(w['proxy_rps_vs_one'], 2)} of N=1, "
