@@ -34,23 +34,16 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
     assert load_config(os.path.join(ROOT, "config.yaml"), env={})["server.port"] == 8000
 
 
-def test_first_byte_timeout_is_504_and_voided(make_world):
-    world = make_world(config={"upstream.first_byte_timeout_s": 0.3})
-    key = world.new_user("alice")
-    world.emu.add_fault("slow_first_byte:3")
-    with pytest.raises(openai.APIStatusError) as e:
-        world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)
-    assert e.value.status_code == 504 and e.value.body["code"] == "upstream_timeout"
-    world.settle_all()
-    assert world.rows("SELECT status, http_status FROM requests") == [("voided", 504)]
-
-
-def test_answer_stalled_after_headers_is_504_and_voided(make_world):
+@pytest.mark.parametrize("setting, fault", [
+    ("upstream.first_byte_timeout_s", "slow_first_byte:3"),  # no headers in time
     # Headers (with the full Content-Length) and a few bytes, then silence: the body read times out.
-    world = make_world(config={"upstream.idle_timeout_s": 0.3})
+    ("upstream.idle_timeout_s", "stall_after:10"),
+], ids=["first-byte", "stalled-after-headers"])
+def test_upstream_timeout_is_504_and_voided(make_world, setting, fault):
+    world = make_world(config={setting: 0.3})
     key = world.new_user("alice")
-    world.emu.add_fault("stall_after:10")
-    with pytest.raises(openai.APIStatusError) as e:  # a client timeout (no read timeout upstream) fails this
+    world.emu.add_fault(fault)
+    with pytest.raises(openai.APIStatusError) as e:  # a client timeout (no timeout upstream) fails this
         world.client(key, timeout=5).chat.completions.create(model="llama3.2:1b", messages=MSG)
     assert e.value.status_code == 504 and e.value.body["code"] == "upstream_timeout"
     world.settle_all()
