@@ -85,28 +85,47 @@ def invoices(conn: sqlite3.Connection, *, period: str, user_id: str | None) -> l
     return out
 
 
-def consistency(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Checks that the daily aggregates equal the sum of settled request rows; lists what differs."""
+def consistency(conn: sqlite3.Connection, *, start: str | None = None, end: str | None = None) -> dict[str, Any]:
+    """Checks that the daily aggregates equal the sum of settled request rows; lists what differs.
+
+    Without a range it reads every request row (3.7 s at 3M rows). With ``start``/``end`` (UTC days,
+    inclusive) it reads only those days' rows, through the ``(user_id, day)`` index: one index range per
+    user, which is why the users are listed first (SQLite cannot use that index for ``day`` alone). The
+    users are those in ``users`` and those with an aggregate in the range, so a row is missed only if its
+    user was never created and it has no aggregate — which no proxyd write produces."""
+    if start is None:
+        rows_where, daily_where, params = "status = 'settled'", "", ()
+        status_sql = "SELECT status, COUNT(*) FROM requests GROUP BY status"
+    else:
+        users = "(SELECT user_id FROM users UNION SELECT user_id FROM usage_daily WHERE day BETWEEN :start AND :end)"
+        in_range = f"user_id IN {users} AND day BETWEEN :start AND :end"
+        rows_where, daily_where = f"status = 'settled' AND {in_range}", "WHERE day BETWEEN :start AND :end"
+        params = {"start": start, "end": end}
+        status_sql = f"SELECT status, COUNT(*) FROM requests WHERE {in_range} GROUP BY status"
     diffs = conn.execute(
-        """
+        f"""
         WITH r AS (
             SELECT user_id, model, day, COALESCE(input_price_nusd_per_mtok, 0) AS input_price_nusd_per_mtok,
                    COALESCE(output_price_nusd_per_mtok, 0) AS output_price_nusd_per_mtok, COUNT(*) AS requests,
                    SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, SUM(cost_nusd) AS cost
-            FROM requests WHERE status = 'settled' GROUP BY 1, 2, 3, 4, 5
+            FROM requests WHERE {rows_where} GROUP BY 1, 2, 3, 4, 5
+        ), u AS (
+            SELECT * FROM usage_daily {daily_where}
         ), keys AS (
             SELECT user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok FROM r
             UNION
-            SELECT user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok FROM usage_daily
+            SELECT user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok FROM u
         )
         SELECT k.user_id, k.model, k.day, k.input_price_nusd_per_mtok, k.output_price_nusd_per_mtok,
                r.requests, u.requests, r.p, u.prompt_tokens, r.c, u.completion_tokens, r.cost, u.cost_nusd
         FROM keys k
         LEFT JOIN r USING (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok)
-        LEFT JOIN usage_daily u USING (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok)
+        LEFT JOIN u USING (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok)
         WHERE COALESCE(r.requests, 0) != COALESCE(u.requests, 0) OR COALESCE(r.p, 0) != COALESCE(u.prompt_tokens, 0)
            OR COALESCE(r.c, 0) != COALESCE(u.completion_tokens, 0) OR COALESCE(r.cost, 0) != COALESCE(u.cost_nusd, 0)
-        """
+        """,
+        params,
     ).fetchall()
-    counts = dict(conn.execute("SELECT status, COUNT(*) FROM requests GROUP BY status").fetchall())
-    return {"ok": not diffs, "mismatches": [list(d) for d in diffs], "requests_by_status": counts}
+    counts = dict(conn.execute(status_sql, params).fetchall())
+    return {"ok": not diffs, "start": start, "end": end, "mismatches": [list(d) for d in diffs],
+            "requests_by_status": counts}

@@ -199,6 +199,14 @@ def test_nothing_reserved_after_mixed_faults(make_world):
     check = world.admin("GET", "/admin/ledger/check").json()
     assert check["ok"], check
     assert "pending" not in check["requests_by_status"]
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    day = world.admin("GET", f"/admin/ledger/check?start={today}").json()  # end defaults to today
+    assert day["ok"] and (day["start"], day["end"]) == (today, today), day
+    assert day["requests_by_status"] == check["requests_by_status"]
+    assert world.admin("GET", "/admin/ledger/check?start=2000-01-01&end=2000-01-31").json()["requests_by_status"] == {}
+    for query, param in (("end=2026-01-01", "end"), ("start=yesterday", "start"), ("start=2026-02-01&end=2026-01-01", "start")):
+        r = world.admin("GET", f"/admin/ledger/check?{query}")
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_concurrent_requests_never_bill_past_a_total_limit(world):
@@ -350,6 +358,16 @@ def test_bad_limits_are_400(world):
         assert r.status_code == 400, body
     assert world.admin("POST", "/admin/users", {"user_id": "bob", "limits": {"nope": 1}}).status_code == 400
     assert world.admin("GET", "/admin/users/bob").status_code == 404
+
+
+def test_bad_usage_ranges_are_400(world):
+    key = world.new_user("alice")
+    for params, param in (({"start": "2026-02-30"}, "start"), ({"end": "0000-00-00"}, "end"),
+                          ({"start": "2026-1-01"}, "start"), ({"start": "2026-03-02", "end": "2026-03-01"}, "start")):
+        r = world.get("/v1/usage", key, **params)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (params, r.text)
+    r = world.get("/v1/usage", key, start="2024-02-29", end="2024-03-01")  # a leap day is a day
+    assert r.status_code == 200 and (r.json()["start"], r.json()["end"]) == ("2024-02-29", "2024-03-01"), r.text
 
 
 def test_invoice_with_mid_month_price_change(make_world):

@@ -107,3 +107,38 @@ def test_m004_reports_old_aggregates_that_disagreed_with_the_rows(caplog):
     assert "user alice" in warnings[0] and "requests 2 -> 1" in warnings[0]
     assert "user carol" in warnings[1] and "cost (nano-USD) 900 -> 0" in warnings[1]
     assert conn.execute("SELECT user_id, requests FROM usage_daily").fetchall() == [("alice", 1)]
+
+
+def test_consistency_check_over_a_day_range_reads_only_those_days():
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.apply(Database(conn))
+    conn.executemany("INSERT INTO users (user_id, created_at, disabled) VALUES (?, '2026-03-01T00:00:00Z', 0)",
+                     [("alice",), ("bob",)])
+    rows = [("r1", "alice", "m", "settled", "2026-03-01", 10, 5, 1_000_000, 2_000_000, 20_000),
+            ("r2", "bob", "m", "settled", "2026-03-02", 7, 1, 1_000_000, 2_000_000, 9_000),
+            ("r3", "bob", "m", "voided", "2026-03-02", None, None, None, None, None),
+            ("r4", "alice", "m", "settled", "2026-03-03", 4, 4, 1_000_000, 2_000_000, 12_000)]
+    conn.executemany(ROW, rows)
+    conn.executemany("INSERT INTO usage_daily VALUES (?, 'm', ?, 1000000, 2000000, 1, ?, ?, ?)",
+                     [("alice", "2026-03-01", 10, 5, 20_000), ("bob", "2026-03-02", 7, 1, 9_000),
+                      ("alice", "2026-03-03", 4, 4, 12_000)])
+    whole = reports.consistency(conn)
+    assert whole["ok"] is True and (whole["start"], whole["end"]) == (None, None)
+    assert whole["requests_by_status"] == {"settled": 3, "voided": 1}
+    day2 = reports.consistency(conn, start="2026-03-02", end="2026-03-02")
+    assert day2["ok"] is True and day2["requests_by_status"] == {"settled": 1, "voided": 1}
+
+    # A billed row changed on the 2nd: the 2nd's check sees it, a check of the other days does not.
+    conn.execute("UPDATE requests SET cost_nusd = 9001 WHERE id = 'r2'")
+    assert reports.consistency(conn, start="2026-03-02", end="2026-03-03")["mismatches"] == [
+        ["bob", "m", "2026-03-02", 1_000_000, 2_000_000, 1, 1, 7, 7, 1, 1, 9_001, 9_000]]
+    assert reports.consistency(conn, start="2026-03-03", end="2026-03-31")["ok"] is True
+    assert reports.consistency(conn)["ok"] is False
+    # An aggregate with no rows behind it, of a user the users table does not know, is still seen.
+    conn.execute("INSERT INTO usage_daily VALUES ('ghost', 'm', '2026-03-03', 1000000, 2000000, 1, 1, 1, 3000)")
+    check = reports.consistency(conn, start="2026-03-03", end="2026-03-03")
+    assert check["mismatches"] == [["ghost", "m", "2026-03-03", 1_000_000, 2_000_000, None, 1, None, 1, None, 1,
+                                    None, 3_000]]
+    # ...and so is a row of such a user once its day has an aggregate.
+    conn.execute(ROW, ("r5", "ghost", "m", "settled", "2026-03-03", 1, 1, 1_000_000, 2_000_000, 3_000))
+    assert reports.consistency(conn, start="2026-03-03", end="2026-03-03")["ok"] is True

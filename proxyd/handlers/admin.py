@@ -9,7 +9,7 @@ from .. import reports
 from ..errors import InvalidRequest
 from ..limits import parse_limits, to_api
 from .base import BaseHandler
-from .usage import invoice_period, usage_query
+from .usage import day_range, invoice_period, usage_query
 
 USER_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 
@@ -125,6 +125,13 @@ class InvoicesHandler(AdminHandler):
 
 class ConsistencyHandler(AdminHandler):
     async def get(self) -> None:
-        result = await self.ctx.store.scan(reports.consistency)
+        # ?start=YYYY-MM-DD[&end=YYYY-MM-DD] checks only those days (end defaults to today): on a large
+        # ledger, checking yesterday reads one day's rows (~0.1 s for 33k) where the whole ledger takes seconds.
+        if self.get_query_argument("end", None) is not None and self.get_query_argument("start", None) is None:
+            raise InvalidRequest("'end' needs 'start' (without both, the whole ledger is checked)", param="end")
+        start, end = day_range(self, None)
+        if start is None:
+            end = None
+        result = await self.ctx.store.scan(lambda c: reports.consistency(c, start=start, end=end))
         result["reserved_in_flight"] = self.ctx.meter.limiter.pending
         self.send_json(result)

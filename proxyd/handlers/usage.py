@@ -3,6 +3,7 @@ every query is bound to the authenticated caller's user id, never to a parameter
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 from typing import Any
@@ -16,15 +17,32 @@ DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 
 
-async def usage_query(handler: BaseHandler, *, user_id: str | None, default_group: str = "model") -> dict[str, Any]:
+def day_range(handler: BaseHandler, default_start: str | None) -> tuple[str | None, str]:
+    """``start`` and ``end`` query arguments: real calendar days (YYYY-MM-DD), end defaulting to today
+    and not before start. A missing start is ``default_start``."""
     today = time.strftime("%Y-%m-%d", time.gmtime())
-    start = handler.get_query_argument("start", today[:8] + "01")
+    start = handler.get_query_argument("start", default_start)
     end = handler.get_query_argument("end", today)
     for name, value in (("start", start), ("end", end)):
-        if not DAY.match(value):
+        if value is not None and not _is_day(value):
             raise InvalidRequest(f"'{name}' must be a date YYYY-MM-DD", param=name)
-    if start > end:
+    if start is not None and start > end:
         raise InvalidRequest("'start' must not be after 'end'", param="start")
+    return start, end
+
+
+def _is_day(value: str) -> bool:
+    if not DAY.match(value):
+        return False
+    try:  # the pattern lets 2026-02-30 and 0000-00-00 through
+        datetime.date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+async def usage_query(handler: BaseHandler, *, user_id: str | None, default_group: str = "model") -> dict[str, Any]:
+    start, end = day_range(handler, time.strftime("%Y-%m-01", time.gmtime()))
     group_by = handler.get_query_argument("group_by", default_group)
     allowed = ("model", "day") if user_id is not None else ("model", "day", "user")
     if group_by not in allowed:
