@@ -17,6 +17,10 @@ throughput  non-stream chat at fixed concurrency (closed loop): rps, p50/p99, er
             of the serving process; proxy/forwarder ratio (of the means, and per round).
             Load generator: ``wrk`` when installed (C, cheapest), else load.loadgen's raw HTTP/1.1
             client; either runs in its own process.
+calls       Python function calls per request (cProfile): the proxy (and candidates) and the forwarder
+            each started under the profiler, once idle and once under the throughput load, the idle
+            run's calls subtracted; total and by package. A count, so it hardly varies between runs:
+            it shows a change of a few percent that rps cannot tell from noise.
 stream      streamed chat (20 tokens, 5 ms apart) at concurrency 1 and N: time to first byte and
             total time; the proxy's overhead over the forwarder in TTFB and per relayed chunk.
 isolation   small-request latency (open loop, fixed rate) through the proxy while a few ~100k-token
@@ -724,6 +728,82 @@ class Bench:
         self.results["profile"] = {"mode": a.profile_mode, "path": a.profile, **summarize_collapsed(a.profile)}
         self.progress(f"profile: {self.results['profile']['samples']} samples -> {a.profile}")
 
+    def calls(self) -> None:
+        """Python function calls per request, proxy (and candidates) vs forwarder: each started anew under
+        cProfile twice, once left idle and once under the throughput load; the idle run's calls (start-up,
+        shutdown) are subtracted. Unlike rps or CPU time this count barely moves between runs on a noisy
+        machine, and it says where a proxy's extra work is: by package and by function."""
+        import pstats
+
+        a = self.args
+        st = self.stack("instant")
+        body = self.tmp / "small-chat.json"
+        body.write_text(json.dumps(small_chat()))
+        mix = self.write_mix("small", [{"name": "chat", "path": "/v1/chat/completions", "body": small_chat()}])
+        base_cfg = json.loads((self.tmp / "proxy-instant.yaml").read_text())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROXYD_")}
+        env["PROXYD_ADMIN_TOKEN"] = ADMIN_TOKEN
+        seconds = max(1.0, min(a.duration, 5.0))
+        roots = {"proxy": ROOT, **self.candidates, "forwarder": None}
+
+        def profiled(name: str, root: Path | None, loaded: bool) -> tuple[dict, int]:
+            port, out = free_port(), self.tmp / f"calls-{name.replace(':', '_')}-{int(loaded)}.prof"
+            if root is None:
+                cmd = ["-m", "load.forwarder", "--port", str(port), "--upstream", st.emu_url, "--log-level", "WARNING"]
+                ready = "/"
+            else:
+                doc = {**base_cfg, "server": {**base_cfg["server"], "port": port},
+                       "database": {"path": str(out.with_suffix(".db"))}}
+                cfg = out.with_suffix(".yaml")
+                cfg.write_text(json.dumps(doc))
+                cmd, ready = [str(root / "app.py"), "--config", str(cfg)], "/healthz"
+            proc = Proc(out.stem, [PY, "-m", "cProfile", "-o", str(out), *cmd], self.tmp, env, cwd=root or ROOT)
+            try:
+                wait_ready(proc, f"http://127.0.0.1:{port}{ready}")
+                requests, key = 0, None
+                if root is not None:
+                    status, doc = http("POST", f"http://127.0.0.1:{port}/admin/users",
+                                       {"user_id": "bench", "limits": GENEROUS}, token=ADMIN_TOKEN)
+                    key = doc["api_key"]
+                if loaded:
+                    url = f"http://127.0.0.1:{port}"
+                    r = (self.wrk_run(url, body, key, a.concurrency, seconds) if self.wrk else
+                         self.loadgen(url, mix, concurrency=a.concurrency, duration=seconds, warmup=0, key=key))
+                    requests = r["ok"]
+            finally:
+                proc.stop()
+            return {k: v[1] for k, v in pstats.Stats(str(out)).stats.items()}, requests
+
+        def package(key: tuple) -> str:
+            path = key[0]
+            if path == "~":
+                return "builtins (C)"
+            if "site-packages/" in path:
+                return path.split("site-packages/")[1].split("/")[0].removesuffix(".py")
+            for root in [r for r in roots.values() if r is not None]:
+                if path.startswith(str(root) + "/"):
+                    return path[len(str(root)) + 1:].split("/")[0]
+            return "stdlib:" + Path(path).parent.name if "/lib/python3" in path else path
+
+        results: dict[str, Any] = {}
+        for name, root in roots.items():
+            idle, _ = profiled(name, root, False)
+            loaded, n = profiled(name, root, True)
+            per = {k: (v - idle.get(k, 0)) / max(1, n) for k, v in loaded.items()}
+            by_pkg: dict[str, float] = {}
+            for k, v in per.items():
+                by_pkg[package(k)] = by_pkg.get(package(k), 0.0) + v
+            top = sorted(per.items(), key=lambda kv: -kv[1])[:25]
+            results[name] = {
+                "requests": n, "calls_per_req": round(sum(per.values()), 1),
+                "by_package": {k: round(v, 1) for k, v in sorted(by_pkg.items(), key=lambda kv: -kv[1]) if v >= 0.5},
+                "top": [[k[2] if k[0] == "~" else f"{k[2]} ({Path(k[0]).name}:{k[1]})", round(v, 2)] for k, v in top],
+            }
+            self.progress(f"calls {name:9s} {results[name]['calls_per_req']:8.1f} Python calls/request ({n} requests)")
+        fwd = results["forwarder"]["calls_per_req"]
+        self.results["calls"] = {"seconds": seconds, "concurrency": a.concurrency, "targets": results,
+                                 "proxy_minus_forwarder": round(results["proxy"]["calls_per_req"] - fwd, 1)}
+
     def stream(self) -> None:
         a = self.args
         st = self.stack("stream")
@@ -1109,6 +1189,15 @@ def report(res: dict[str, Any]) -> str:
         out.append(f"p99 proxy - forwarder {fmt(t['p99_delta_ms'])} ms (target <= {TARGETS['p99_delta_max_ms']}: "
                    f"{verdict(None if t['p99_delta_ms'] is None else t['p99_delta_ms'] <= TARGETS['p99_delta_max_ms'])}); CPU per request proxy/forwarder "
                    f"{fmt(t['cpu_ratio_proxy_forwarder'])}x")
+    if "calls" in res:
+        c = res["calls"]
+        names = list(c["targets"])
+        packages = list(dict.fromkeys(k for v in c["targets"].values() for k in v["by_package"]))
+        rows = [["all", *(c["targets"][n]["calls_per_req"] for n in names)]]
+        rows += [[pkg, *(c["targets"][n]["by_package"].get(pkg, 0) for n in names)] for pkg in packages[:14]]
+        out.append(f"\n[calls] Python function calls per request (cProfile, {c['concurrency']} connections, "
+                   f"{c['seconds']} s; an idle run's calls subtracted): proxy - forwarder {fmt(c['proxy_minus_forwarder'], 1)}")
+        out.append(table(rows, ["package", *names]))
     if "stream" in res:
         s = res["stream"]
         out.append(f"\n[stream] {s['tokens']} tokens, {s['token_delay_ms']} ms apart, {s['rounds']} rounds x {s['duration_s']} s")
@@ -1179,8 +1268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds over the targets (default 3)")
     p.add_argument("--quick", action="store_true", help="a few seconds per phase, 1 round (smoke test)")
     p.add_argument("--json", help="write results here (default load/results/bench-<timestamp>.json)")
-    p.add_argument("--phases", default="throughput,latency,stream,isolation",
-                   help="comma list of throughput,latency,stream,isolation,soak (default: all but soak)")
+    p.add_argument("--phases", default="throughput,calls,latency,stream,isolation",
+                   help="comma list of throughput,calls,latency,stream,isolation,soak (default: all but soak)")
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="also run the soak phase this long")
     p.add_argument("--soak-concurrency", type=int, default=20)
     p.add_argument("--soak-users", type=int, default=8, help="users with generous limits (plus one at 5/minute)")
@@ -1212,7 +1301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     phases = [x.strip() for x in a.phases.split(",") if x.strip()]
-    unknown = set(phases) - {"throughput", "latency", "stream", "isolation", "soak"}
+    unknown = set(phases) - {"throughput", "calls", "latency", "stream", "isolation", "soak"}
     if unknown:
         p.error(f"unknown phase {min(unknown)}")
     if a.soak and "soak" not in phases:
@@ -1250,7 +1339,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         labels = []
-        if {"throughput", "latency", "isolation"} & set(phases) or args.profile:
+        if {"throughput", "calls", "latency", "isolation"} & set(phases) or args.profile:
             labels.append("instant")
         if {"stream", "soak"} & set(phases):
             labels.append("stream")
@@ -1258,7 +1347,7 @@ def main(argv: list[str] | None = None) -> int:
         if bench.wrk is None and "throughput" in phases and args.generator == "auto":
             print("  (wrk not found: the Python generator is used; it takes more CPU from the servers on a small "
                   "machine. apt-get install -y wrk)", file=sys.stderr)
-        for phase in ("throughput", "latency", "stream", "isolation", "soak"):
+        for phase in ("throughput", "calls", "latency", "stream", "isolation", "soak"):
             if phase in phases:
                 bench.progress(f"-- {phase}")
                 getattr(bench, phase)()

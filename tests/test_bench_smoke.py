@@ -45,6 +45,15 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
         assert summary[target]["rps"] > 0 and summary[target]["errors"] == 0, (target, summary[target])
     assert res["throughput"]["workers_ceiling"]["workers"] == 2
 
+    # Calls per request: every target served under cProfile, and proxyd's own functions show up in the
+    # proxy's count only (the forwarder has none: the subtraction and the package split work).
+    calls = res["calls"]["targets"]
+    for target in ("proxy", "forwarder"):
+        assert calls[target]["requests"] > 0 and calls[target]["calls_per_req"] > 100, (target, calls[target])
+    assert calls["proxy"]["by_package"]["proxyd"] > 10, calls["proxy"]["by_package"]
+    assert "proxyd" not in calls["forwarder"]["by_package"], calls["forwarder"]["by_package"]
+    assert res["calls"]["proxy_minus_forwarder"] > 0
+
     lat = res["latency"]["summary"]
     for target in ("proxy", "forwarder"):
         assert lat[target]["rps"] > 0 and lat[target]["errors"] == 0, (target, lat[target])
