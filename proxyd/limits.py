@@ -406,9 +406,15 @@ class Limiter:
             if completion_is_default and fit >= min_completion_tokens:
                 completion_tokens = fit
             else:
+                # What the smallest admissible form of this request needs, in the limit's unit: with
+                # proxyd's default budget that is the prompt plus min_completion_tokens (the budget
+                # would have been shrunk that far), not the full default the client never asked for.
+                # Judged against the limit itself, it tells "wait or top up" from "never fits".
                 c, window = binding
-                need = prompt_tokens + completion_tokens if LIMIT_FIELDS[c.name][0] == 1 else None
-                raise self._refusal(c, window, now, need, user_id)
+                least = min_completion_tokens if completion_is_default else completion_tokens
+                metric = LIMIT_FIELDS[c.name][0]
+                need = prompt_tokens + least if metric == 1 else _cost(prompt_tokens, least, price)
+                raise self._refusal(c, window, now, need, user_id, default_budget=completion_is_default)
 
         # 2. Requests and concurrency.
         for c, metric, window in all_checks:
@@ -491,28 +497,33 @@ class Limiter:
 
     # -- refusals and headers ------------------------------------------------------------------
 
-    def _refusal(self, c: Check, window: str, now: float, need: int | None, user_id: str):
+    def _refusal(self, c: Check, window: str, now: float, need: int, user_id: str, *, default_budget: bool = False):
+        """The refusal for limit ``c``. ``need`` is what the request needs of it, in the limit's unit
+        (requests, tokens or nano-USD): more than the whole limit means it can never fit (not
+        retryable, and the client is told what to change); otherwise it fits once usage frees up."""
         where = "" if c.scope == "*" else f" for model {c.scope}"
         shown = (lambda v: "$" + usd_str(v)) if c.name.endswith("_usd") else str
         used = f"used {shown(c.used)}" + (f" + {shown(c.reserved)} reserved" if c.reserved else "")
         headers: dict[str, str] = {}
-        never_fits = need is not None and need > c.limit
+        metric = LIMIT_FIELDS[c.name][0]
+        if need > c.limit:
+            if metric == 0:  # a limit of 0 requests: the admin has shut this door
+                msg = f"{c.name}{where} is {c.limit}: no request can be admitted under it."
+                return QuotaExceeded(msg)
+            what = "the prompt plus the smallest completion budget" if default_budget else "prompt plus max_tokens"
+            fix = "Shorten the prompt." if default_budget else "Lower max_tokens or shorten the prompt."
+            amount = f"{need} tokens" if metric == 1 else f"at least {shown(need)}"
+            msg = f"Request too large for {c.name}{where}: it needs {amount} ({what}) but the limit is {shown(c.limit)}. {fix}"
+            return QuotaExceeded(msg, code="request_too_large")
         if window == "concurrent":
             retry = 1.0
         elif window == "minute":
             w = self.minutes[(user_id, c.scope)]
-            metric = LIMIT_FIELDS[c.name][0]
-            short = (need or 1) - (c.limit - c.used)
+            short = need - (c.limit - c.used)
             retry = max(0.001, w.free_at(metric, short, now) - now)
         else:
             retry = (c.reset_at - now) if c.reset_at else None
 
-        if never_fits:
-            msg = (
-                f"Request too large for {c.name}{where}: it needs {need} tokens "
-                f"(prompt plus completion budget) but the limit is {c.limit}. Lower max_tokens or shorten the prompt."
-            )
-            return QuotaExceeded(msg, code="request_too_large")
         if window in SHORT_TERM:
             headers["Retry-After"] = str(max(1, int(retry + 0.999)))
             headers["retry-after-ms"] = str(int(retry * 1000))

@@ -284,6 +284,48 @@ def test_tokens_per_minute_and_concurrency(make_world):
     assert sum(isinstance(r, openai.RateLimitError) for r in res) == 1
 
 
+def test_a_used_up_limit_is_a_quota_refusal_even_with_the_default_budget(world):
+    """Without max_tokens proxyd reserves its default budget (4096) but shrinks it to what is left; once
+    less than the smallest budget is left, the refusal is about the allowance running out (retry later
+    or not at all), not "request too large", which only a request that could never fit may get."""
+    day = world.client(world.new_user("alice", limits={"tokens_per_day": 200}))
+    for _ in range(20):
+        try:
+            day.chat.completions.create(model="llama3.2:1b", messages=MSG)
+        except openai.RateLimitError as e:
+            refusal = e
+            break
+    else:
+        pytest.fail("20 requests fitted a 200 tokens/day limit")
+    assert refusal.body["code"] == "insufficient_quota", refusal.body
+    assert "Resets at" in refusal.message and int(refusal.response.headers["retry-after"]) > 0
+    assert refusal.response.headers["x-should-retry"] == "false"
+
+    minute = world.client(world.new_user("bob", limits={"tokens_per_minute": 50}))
+    minute.chat.completions.create(model="llama3.2:1b", messages=MSG)  # 26 + a budget shrunk to 24
+    with pytest.raises(openai.RateLimitError) as e:
+        minute.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.body["code"] == "rate_limit_exceeded", e.value.body  # retryable: it fits in a minute
+    assert 0 < int(e.value.response.headers["retry-after"]) <= 60
+    world.clock.advance(61)
+    minute.chat.completions.create(model="llama3.2:1b", messages=MSG)
+
+    # What can never fit is still said so, in the limit's unit, with what to change.
+    tiny = world.client(world.new_user("carol", limits={"tokens_per_day": 30}))
+    with pytest.raises(openai.RateLimitError) as e:
+        tiny.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.body["code"] == "request_too_large" and "needs 42 tokens" in e.value.message, e.value.message
+    assert "Shorten the prompt" in e.value.message and "max_tokens" not in e.value.message
+    shut = world.client(world.new_user("erin", limits={"max_concurrent_requests": 0}))
+    with pytest.raises(openai.RateLimitError) as e:
+        shut.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.body["code"] == "insufficient_quota" and "no request can be admitted" in e.value.message
+    assert "retry-after" not in e.value.response.headers
+    world.settle_all()
+    check = world.admin("GET", "/admin/ledger/check").json()
+    assert check["ok"] and check["reserved_in_flight"] == 0, check
+
+
 def test_long_term_limits_roll_over_by_calendar(world):
     key = world.new_user("alice", limits={"requests_per_day": 1, "total_cost_usd": 100})
     c = world.client(key)
@@ -318,6 +360,12 @@ def test_cost_limits_and_total(make_world):
     assert r.choices[0].finish_reason == "length"
     [(cost,)] = world.rows("SELECT SUM(cost_nusd) FROM requests WHERE status='settled'")
     assert cost <= 1_000_000_000
+    # A cost limit below what the prompt alone costs can never be met: said so, in dollars, not "exceeded".
+    cheap = world.client(world.new_user("dave", limits={"cost_per_day_usd": 0.01}))
+    with pytest.raises(openai.RateLimitError) as e:
+        cheap.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.body["code"] == "request_too_large", e.value.body
+    assert "needs at least $0.058000000" in e.value.message and "limit is $0.010000000" in e.value.message, e.value.message
 
 
 def test_per_model_and_config_limits_and_overrides_survive_restart(make_world):
