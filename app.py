@@ -18,6 +18,7 @@ import secrets
 import signal
 import sqlite3
 import sys
+from urllib.parse import quote
 
 from tornado.httpserver import HTTPServer
 
@@ -153,8 +154,13 @@ async def serve(config, *, demo: bool = False) -> int:
 def check_ledger(config) -> int:
     from proxyd.reports import consistency
 
-    conn = sqlite3.connect(config["database.path"])
-    result = consistency(conn)
+    path = config["database.path"]
+    try:  # read-only: a mistyped path must not leave an empty database behind
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+        result = consistency(conn)
+    except sqlite3.Error as exc:
+        print(f"proxyd: cannot check the ledger at {path}: {exc} (is database.path / PROXYD_DB right?)", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"proxyd: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(config["logging.level"])
+    logging.getLogger().setLevel(config["logging.level"].upper())
     if args.check_ledger:
         return check_ledger(config)
     return asyncio.run(serve(config, demo=args.demo))

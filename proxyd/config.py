@@ -121,7 +121,7 @@ SETTINGS: tuple[Setting, ...] = (
     # -- observability ------------------------------------------------------------------------------
     Setting("metrics.enabled", bool, True, "Serve Prometheus metrics at /metrics."),
     Setting("metrics.per_user_labels", bool, False, "Label token metrics by user (cardinality!)."),
-    Setting("logging.level", str, "INFO", "Log level."),
+    Setting("logging.level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL."),
     Setting("logging.access_log", bool, True, "One JSON line per request on the proxyd.access logger."),
 )
 
@@ -203,6 +203,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         values[key] = _check_type(BY_KEY[key], value)
     if values["database.synchronous"].upper() not in ("NORMAL", "FULL"):
         raise ConfigError("config: 'database.synchronous' must be NORMAL or FULL")
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    if str(values["logging.level"]).upper() not in levels:
+        raise ConfigError(f"config: 'logging.level' must be one of {', '.join(levels)}")
     return Config(values)
 
 

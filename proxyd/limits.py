@@ -26,6 +26,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
 from .errors import InvalidRequest, QuotaExceeded, RateLimited
+from .modelname import canonical_keys
 
 NANO = 10**9
 MAX_USD = Decimal(10**12)
@@ -66,9 +67,11 @@ def parse_limits(raw: Any, where: str, *, allow_models: bool = True) -> Limits:
         if name == "models" and allow_models:
             if not isinstance(value, dict):
                 raise InvalidRequest(f"{where}.models must be an object of model -> limits", param=f"{where}.models")
-            out["models"] = {
-                str(m): parse_limits(v, f"{where}.models.{m}", allow_models=False) for m, v in value.items()
-            }
+            try:  # keyed as requests are looked up: by canonical model name (proxyd/modelname.py)
+                value = canonical_keys(value, f"{where}.models")
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param=f"{where}.models") from None
+            out["models"] = {m: parse_limits(v, f"{where}.models.{m}", allow_models=False) for m, v in value.items()}
             continue
         if name not in LIMIT_FIELDS:
             known = ", ".join(sorted(LIMIT_FIELDS))

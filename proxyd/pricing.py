@@ -1,7 +1,7 @@
 """The price table: USD per million tokens in config, integer nano-USD per million tokens inside.
 
-A model's price is looked up by its exact name, then its family (the part before ':'), then the
-``default`` entry, else it is free. The price in force at settle time is written on each ledger row,
+A model's price is looked up by its canonical name (proxyd/modelname.py: as Ollama matches names), then
+its family (the part before ':'), then the ``default`` entry, else it is free. The price in force at settle time is written on each ledger row,
 so changing the table never rewrites a past bill.
 """
 
@@ -11,6 +11,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .config import ConfigError
+from .modelname import canonical_keys
 
 NANO = 10**9
 
@@ -18,8 +19,12 @@ NANO = 10**9
 class PriceTable:
     def __init__(self, raw: dict[str, Any]) -> None:
         self._prices: dict[str, tuple[int, int]] = {}
-        for model, entry in (raw or {}).items():
-            self.set(str(model), entry, where=f"pricing.{model}")
+        try:  # keyed as requests are looked up: by canonical model name (proxyd/modelname.py)
+            entries = canonical_keys(raw or {}, "config: pricing")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for model, entry in entries.items():
+            self.set(model, entry, where=f"pricing.{model}")
 
     def set(self, model: str, entry: Any, *, where: str) -> None:
         if not isinstance(entry, dict):

@@ -23,6 +23,7 @@ from .handlers.base import BaseHandler, NotFoundHandler
 from .limits import Limiter, parse_limits
 from .meter import Meter
 from .metrics import Metrics
+from .modelname import canonical_keys
 from .pricing import PriceTable
 from .store import Store
 from .tokens import ENCODINGS, TEMPLATES, TokenCounter
@@ -84,17 +85,24 @@ def parse_config_limits(raw: dict[str, Any]) -> dict[str, Any]:
     try:
         return {
             "default": parse_limits(raw.get("default"), "limits.default"),
-            "models": {m: parse_limits(v, f"limits.models.{m}", allow_models=False) for m, v in (raw.get("models") or {}).items()},
+            "models": {m: parse_limits(v, f"limits.models.{m}", allow_models=False)
+                       for m, v in canonical_keys(raw.get("models") or {}, "limits.models").items()},
             "users": {u: parse_limits(v, f"limits.users.{u}") for u, v in (raw.get("users") or {}).items()},
         }
     except InvalidRequest as exc:
         raise ConfigError(f"config: {exc.message}") from None
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from None
 
 
 def check_structures(config: Config) -> None:
     """Validates the dict-typed settings (limits, pricing); raises ConfigError naming the key."""
     parse_config_limits(config["limits"])
     PriceTable(config["pricing"])
+    try:
+        canonical_keys(config["models"], "config: models")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for name, spec in {**config["models"], "model_defaults": config["model_defaults"]}.items():
         unknown = set(spec) - {"tokenizer", "template", "image_tokens", "context_window", "default_max_tokens"}
         if unknown:

@@ -22,6 +22,8 @@ from typing import Any, Iterable
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from .modelname import canonical_keys
+
 # Meta's pre-tokenizer regex for Llama 3 (the same one llama_models uses).
 _LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -79,30 +81,40 @@ class TokenCounter:
     """Counts tokens per model, as configured. Built once; shared by all handlers."""
 
     def __init__(self, models: dict[str, dict[str, Any]], default: dict[str, Any]) -> None:
-        self._models = models
+        # Keyed by canonical name, as requests are (proxyd/modelname.py). The caches below are keyed by
+        # the config entry a name resolves to, not by the name: names come from clients, so a cache
+        # per name would grow with every made-up one (~1.2 KB each, measured), never freed.
+        self._models = canonical_keys(models, "config: models")
         self._default = default
-        self._cache: dict[str, ModelTokens] = {}
-        self._specs: dict[str, dict[str, Any]] = {}
+        self._specs: dict[str | None, dict[str, Any]] = {}
+        self._cache: dict[str | None, ModelTokens] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
+    def _entry(self, model: str) -> str | None:
+        """The models entry that applies: the model's own, its family's (before ':'), or None."""
+        if model in self._models:
+            return model
+        family = model.split(":", 1)[0]
+        return family if family in self._models else None
+
     def spec(self, model: str) -> dict[str, Any]:
-        """A model's settings: its own entry (or its family's, the part before ':') over the defaults."""
-        found = self._specs.get(model)
+        """A model's settings: its own entry (or its family's) over the defaults."""
+        entry = self._entry(model)
+        found = self._specs.get(entry)
         if found is None:
-            own = self._models.get(model) or self._models.get(model.split(":", 1)[0]) or {}
-            found = self._specs[model] = {**self._default, **own}
+            found = self._specs[entry] = {**self._default, **(self._models[entry] if entry else {})}
         return found
 
     def for_model(self, model: str) -> ModelTokens:
-        found = self._cache.get(model)
+        entry = self._entry(model)
+        found = self._cache.get(entry)
         if found is None:
             spec = self.spec(model)
-            found = ModelTokens(
+            found = self._cache[entry] = ModelTokens(
                 encoding=ENCODINGS[spec.get("tokenizer", "llama3")](),
                 template=TEMPLATES[spec.get("template", "generic")],
                 image_tokens=int(spec.get("image_tokens", 0)),
             )
-            self._cache[model] = found
         return found
 
     # -- counting ---------------------------------------------------------------------------

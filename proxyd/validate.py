@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import InvalidRequest
+from .modelname import canonical
 
 MAX_TOKENS_CAP = 2**31 - 1  # any real context is far smaller; larger values cannot be stored (SQLite int64)
 
@@ -21,7 +22,12 @@ def _model(body: dict[str, Any]) -> str:
         raise InvalidRequest("'model' must be a string", param="model")
     if len(model) > 256:
         raise InvalidRequest("'model' is too long", param="model")
-    return model
+    # Metered, limited and priced under Ollama's own idea of which model this is (the body keeps the
+    # client's spelling for Ollama).
+    name = canonical(model)
+    if not name:
+        raise InvalidRequest(f"invalid model name {model!r}", param="model")
+    return name
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:

@@ -498,6 +498,38 @@ def test_made_up_model_names_leave_no_state_behind(world):
     assert world.rows("SELECT status, COUNT(*) FROM requests GROUP BY status") == [("settled", 1), ("voided", 30)]
 
 
+def test_every_spelling_ollama_serves_as_one_model_is_metered_as_that_model(make_world):
+    """Ollama matches names case-insensitively, with registry.ollama.ai/, library/ and :latest optional.
+    A per-model limit, a price and the ledger must see those spellings as the one model they are:
+    copying the id /v1/models lists (moondream:latest) must not escape a limit set for moondream."""
+    world = make_world(config={"pricing": {"moondream": {"input_per_million_usd": 1000, "output_per_million_usd": 1000},
+                                           "default": {"input_per_million_usd": 1, "output_per_million_usd": 1}}})
+    key = world.new_user("bob")
+    r = world.admin("PUT", "/admin/users/bob/limits", {"models": {"MoonDream:latest": {"requests_per_minute": 2}}})
+    assert r.status_code == 200, r.text
+    c = world.client(key)
+    listed = [m.id for m in c.models.list().data]
+    assert "moondream:latest" in listed, listed
+    c.chat.completions.create(model="moondream:latest", messages=MSG, max_tokens=3)
+    c.chat.completions.create(model="registry.ollama.ai/library/MoonDream", messages=MSG, max_tokens=3)
+    for spelling in ("moondream", "MOONDREAM", "library/moondream:latest"):
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model=spelling, messages=MSG, max_tokens=3)
+        assert "for model moondream" in e.value.message, e.value.message
+    c.chat.completions.create(model="Llama3.2:1B", messages=MSG, max_tokens=3)  # another model: not limited
+    world.settle_all()
+    assert world.rows("SELECT model, input_price_nusd_per_mtok, COUNT(*) FROM requests WHERE status = 'settled'"
+                      " GROUP BY 1, 2 ORDER BY 1") == [("llama3.2:1b", 1_000_000_000, 1), ("moondream", 1_000_000_000_000, 2)]
+    usage = world.get("/v1/usage", key, model="moondream:latest").json()
+    assert usage["totals"]["requests"] == 2, usage
+    # Two keys for one model in one mapping: which was meant? Refused, naming them.
+    r = world.admin("PUT", "/admin/users/bob/limits", {"models": {"moondream": {"requests_per_day": 1},
+                                                                 "Moondream:latest": {"requests_per_day": 2}}})
+    assert r.status_code == 400 and "names the same model" in r.json()["error"]["message"], r.text
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=":latest", messages=MSG)
+
+
 def test_per_minute_window_survives_a_restart(make_world):
     """The minute's settled requests are read back at start: a restart does not hand out a fresh minute."""
     world = make_world(config={"limits": {"default": {"requests_per_minute": 2}}})

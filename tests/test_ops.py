@@ -18,7 +18,10 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
     bad = tmp_path / "bad.yaml"
     for text, needle in (("upstream:\n  urll: x\n", "upstream.urll"), ("server:\n  port: eighty\n", "server.port"),
                          ("limits:\n  default:\n    requests_per_hour: 5\n", "requests_per_hour"),
-                         ("pricing:\n  m: {input_per_million_usd: -1}\n", "pricing.m")):
+                         ("pricing:\n  m: {input_per_million_usd: -1}\n", "pricing.m"),
+                         ("logging:\n  level: LOUD\n", "logging.level"),
+                         ("pricing:\n  moondream: {}\n  MoonDream:latest: {}\n", "names the same model"),
+                         ("limits:\n  models:\n    a: {}\n    A: {}\n", "names the same model")):
         bad.write_text(text)
         out = subprocess.run([sys.executable, "app.py", "--config", str(bad)], cwd=ROOT, capture_output=True,
                              text=True, timeout=30, env={**os.environ, "PROXYD_DB": str(tmp_path / "x.db")})
@@ -32,6 +35,14 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
         load_config(None, {"no.such": 1}, env={})
     # the shipped config.yaml is valid
     assert load_config(os.path.join(ROOT, "config.yaml"), env={})["server.port"] == 8000
+
+
+def test_check_ledger_on_a_wrong_path_says_so_and_creates_nothing(tmp_path):
+    missing = tmp_path / "typo.db"
+    out = subprocess.run([sys.executable, "app.py", "--check-ledger"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30, env={**os.environ, "PROXYD_DB": str(missing)})
+    assert out.returncode == 2 and "cannot check the ledger at" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not missing.exists()
 
 
 @pytest.mark.parametrize("setting, fault", [

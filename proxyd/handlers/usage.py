@@ -11,6 +11,7 @@ from typing import Any
 from .. import reports
 from ..errors import InvalidRequest
 from ..limits import to_api
+from ..modelname import canonical
 from .base import BaseHandler
 
 DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -48,6 +49,8 @@ async def usage_query(handler: BaseHandler, *, user_id: str | None, default_grou
     if group_by not in allowed:
         raise InvalidRequest(f"'group_by' must be one of {', '.join(allowed)}", param="group_by")
     model = handler.get_query_argument("model", None)
+    if model is not None:
+        model = canonical(model)  # as the ledger records it (proxyd/modelname.py)
     result = await handler.ctx.store.read(
         lambda c: reports.usage(c, user_id=user_id, start=start, end=end, group_by=group_by, model=model)
     )
