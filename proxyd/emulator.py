@@ -152,6 +152,7 @@ class EmulatorState:
         self.faults: collections.deque = collections.deque()
         self.active_streams = 0
         self.cancelled_streams = 0
+        self.cancelled_answers = 0  # non-stream generations abandoned by the client (Ollama stops too)
         self.completed = 0  # inference responses delivered in full (stream reached [DONE])
         # The listening address, for the Host check (Ollama checks the listener, not the connection).
         # None when the app was served by someone else: then the connection's local address is used.
@@ -879,6 +880,7 @@ class InferenceHandler(BaseHandler):
     async def answer_once(self, body: Any, fault: Optional[Fault], delay: float) -> None:
         """A non-stream answer after ``delay``, honouring cut_after / stall_after / bad_json."""
         if await self.pause(delay):
+            self.state.cancelled_answers += 1
             return
         if fault is not None and fault.name == "cut_after":
             self.drop_connection()

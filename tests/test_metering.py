@@ -167,6 +167,31 @@ def test_client_disconnect_bills_relayed_and_cancels_upstream(make_world):
     assert 3 <= completion < 200
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_client_gone_before_the_first_byte_cancels_upstream(make_world, stream):
+    """A client that gives up before Ollama's first byte (an SDK timeout: a non-stream answer's headers
+    come only after the whole generation) must stop Ollama there, not let it generate on for nobody;
+    the prompt Ollama took is billed, once, and nothing else. Without the cancel, Ollama generates the
+    full 3 s and the row's latency shows it."""
+    world = make_world(emulator={"token_delay_s": 0.05, "first_byte_delay_s": 2.0 if stream else 0.0})
+    key = world.new_user("alice")
+    started = time.time()
+    with pytest.raises(openai.APITimeoutError):
+        world.client(key, timeout=0.5).chat.completions.create(
+            model="llama3.2:1b", stream=stream, messages=[{"role": "user", "content": "[[emu:reply_tokens=60]] go"}])
+    deadline = time.time() + 5
+    state = world.emu
+    while time.time() < deadline and not (state.cancelled_answers or state.cancelled_streams):
+        time.sleep(0.02)
+    assert (state.cancelled_streams, state.cancelled_answers) == ((1, 0) if stream else (0, 1))
+    assert time.time() - started < 1.5, "Ollama was stopped only when it had finished"
+    world.settle_all()
+    [(status, http, prompt, estimate, completion, latency)] = world.rows(
+        "SELECT status, http_status, prompt_tokens, reserved_prompt, completion_tokens, latency_ms FROM requests")
+    assert (status, http, prompt, completion) == ("settled", 499, estimate, 0)
+    assert latency < 1500, latency
+
+
 def test_nothing_reserved_after_mixed_faults(make_world):
     world = make_world(emulator={"token_delay_s": 0.002})
     key = world.new_user("alice")

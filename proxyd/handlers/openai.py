@@ -11,6 +11,7 @@ One request's path, top to bottom (``ProxyHandler.proxy``):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -48,13 +49,19 @@ class ProxyHandler(BaseHandler):
         super().prepare()
         self.authenticate_user()
         self._upstream_resp = None
+        self._upstream_call: asyncio.Future | None = None  # the request to Ollama, until its headers come
+        self._abandoned_upstream = False  # the client left while Ollama was working on the request
         self._client_gone = False
 
     def on_connection_close(self) -> None:
-        # The client went away while we wait on Ollama: drop the upstream connection so Ollama stops
-        # generating; the relay sees the abort and settles what was delivered.
+        # The client went away: drop the upstream connection so Ollama stops generating. Before
+        # Ollama's headers that means cancelling the pending request (a non-stream answer's headers
+        # come only after the whole generation); after them, aborting the response being relayed.
         super().on_connection_close()
         self._client_gone = True
+        call = getattr(self, "_upstream_call", None)
+        if call is not None and not call.done():
+            call.cancel()
         if getattr(self, "_upstream_resp", None) is not None:
             self._upstream_resp.abort()
 
@@ -114,7 +121,16 @@ class ProxyHandler(BaseHandler):
         if self._client_gone:  # left while images were fetched or the prompt counted: nothing to do, void
             raise ClientGone()
         started = time.perf_counter()
-        resp = await self.ctx.upstream.request("POST", self.upstream_path, body)
+        self._upstream_call = asyncio.ensure_future(self.ctx.upstream.request("POST", self.upstream_path, body))
+        try:
+            resp = await self._upstream_call
+        except asyncio.CancelledError:
+            if not self._client_gone:
+                raise
+            self._abandoned_upstream = True  # Ollama had the request: its prompt is billed (end_unsettled)
+            raise ClientGone() from None
+        finally:
+            self._upstream_call = None
         if self.ctx.metrics is not None:
             self.ctx.metrics.upstream_first_byte(self.endpoint, time.perf_counter() - started)
         self._upstream_resp = resp
@@ -253,10 +269,12 @@ class ProxyHandler(BaseHandler):
         """The one exit for a reservation the relay did not settle."""
         meter = self.ctx.meter
         accepted = self._upstream_resp is not None and self._upstream_resp.status == 200
-        if outcome.delivered or (self._client_gone and accepted):
+        if outcome.delivered or (self._client_gone and (accepted or self._abandoned_upstream)):
             # The client got part of an answer, or left after Ollama took the request (200: the prompt
-            # was evaluated; an error answer, e.g. 404 for an unknown model, evaluated nothing): bill
-            # the prompt plus what was relayed (reported usage if it came, else counted).
+            # was evaluated; an error answer, e.g. 404 for an unknown model, evaluated nothing), or
+            # left while Ollama was still working on it (no answer yet: the prompt is being or has
+            # been evaluated; an error would have come back at once): bill the prompt plus what was
+            # relayed (reported usage if it came, else counted).
             try:
                 await meter.settle(ticket, await self.usage_of(ticket, outcome), http_status=499 if self._client_gone else 502)
             except Exception:
