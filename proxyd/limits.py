@@ -465,9 +465,15 @@ class Limiter:
             w.adjust(entry, 1, tokens)
 
     def void(self, hold: Hold) -> None:
-        """Releases the reservation: nothing is billed."""
+        """Releases the reservation: nothing is billed. The attempt still counts against the user's
+        requests per minute (all-models scope): a request Ollama failed on (a 500, an unknown model)
+        took Ollama's time too, and if failures were free a client could repeat one without limit.
+        Its tokens are released, and so is the model scope's entry, so that made-up model names
+        leave no state behind (``_forget_if_unused``)."""
         self._end(hold, "voided")
-        for w, entry in hold.minute_entries:
+        (all_models, seq), *per_model = hold.minute_entries  # reserve() enters the "*" scope first
+        all_models.adjust(seq, 1, 0)
+        for w, entry in per_model:
             w.adjust(entry, 0, 0)
         self._forget_if_unused(hold.user_id, hold.model, hold.admitted_at)
 

@@ -285,6 +285,26 @@ def test_short_term_limits_and_rollover(world):
     c.chat.completions.create(model="llama3.2:1b", messages=MSG)
 
 
+def test_failed_requests_count_against_requests_per_minute(world):
+    """A request Ollama fails on is not billed, but it is an attempt: free failures would let a client
+    hammer Ollama with a request that crashes its runner, or with unknown model names."""
+    key = world.new_user("bob", limits={"requests_per_minute": 3})
+    c = world.client(key)
+    world.emu.add_fault("error500")
+    with pytest.raises(openai.InternalServerError):
+        c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    for _ in range(2):
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="no-such-model", messages=MSG)
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+    assert e.value.body["code"] == "rate_limit_exceeded" and "used 3" in e.value.message, e.value.message
+    world.settle_all()
+    assert world.rows("SELECT status, COUNT(*), SUM(COALESCE(prompt_tokens, 0)) FROM requests GROUP BY 1") == [("voided", 3, 0)]
+    world.clock.advance(61)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG)
+
+
 def test_tokens_per_minute_and_concurrency(make_world):
     world = make_world(emulator={"token_delay_s": 0.05})
     key = world.new_user("alice", limits={"tokens_per_minute": 100, "max_concurrent_requests": 1})
