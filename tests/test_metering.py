@@ -285,6 +285,18 @@ def test_short_term_limits_and_rollover(world):
     c.chat.completions.create(model="llama3.2:1b", messages=MSG)
 
 
+def test_a_prompt_that_fills_the_context_still_gets_a_real_budget(world):
+    """moondream's context window is 2048 (config). A longer prompt without max_tokens used to be
+    forwarded with max_tokens 1: a one-token answer. Ollama truncates such a prompt itself and answers
+    normally, so proxyd forwards at least estimate.min_completion_tokens (16)."""
+    key = world.new_user("alice")
+    r = world.client(key).chat.completions.create(
+        model="moondream", messages=[{"role": "user", "content": "[[emu:reply_tokens=8]] " + "hello " * 2100}])
+    sent = [q["body"] for q in world.emu.requests if q["path"] == "/v1/chat/completions"][-1]
+    assert sent["max_tokens"] == 16, sent["max_tokens"]
+    assert r.usage.completion_tokens > 1 and r.choices[0].finish_reason == "stop", r
+
+
 def test_failed_requests_count_against_requests_per_minute(world):
     """A request Ollama fails on is not billed, but it is an attempt: free failures would let a client
     hammer Ollama with a request that crashes its runner, or with unknown model names."""

@@ -106,7 +106,10 @@ class ProxyHandler(BaseHandler):
         spec = self.ctx.model_spec(model)
         room = spec["context_window"] - prompt_tokens
         default = spec.get("default_max_tokens") or self.ctx.config["estimate.default_max_tokens"]
-        return max(1, min(default, room)), True
+        # Not below min_completion_tokens even when the prompt (nearly) fills the context window: that
+        # window is proxyd's guess, and Ollama itself truncates an overlong prompt and answers normally,
+        # so a budget of 1 would only cut the answer to one token.
+        return max(self.ctx.config["estimate.min_completion_tokens"], min(default, room)), True
 
     def forward_body(self, body: dict[str, Any], ticket: Ticket, stream: bool) -> None:
         """What Ollama gets: max_tokens = the reserved budget, so the reservation stays an upper bound
