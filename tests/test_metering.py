@@ -97,12 +97,32 @@ def test_counted_usage_when_upstream_reports_none(make_world):
     chunks = list(world.client(key).chat.completions.create(
         model="llama3.2:1b", messages=[{"role": "user", "content": "[[emu:reply_tokens=9]] x"}], stream=True,
         stream_options={"include_usage": True}))
-    assert all(ch.usage is None for ch in chunks)
     world.settle_all()
     # Counted: the prompt is proxyd's estimate, the completion the tokens of the relayed text.
     [(prompt, estimate, completion, source)] = world.rows(
         "SELECT prompt_tokens, reserved_prompt, completion_tokens, usage_source FROM requests")
     assert (prompt, completion, source) == (estimate, 9, "counted")
+    # The client asked for usage and the upstream sent none: proxyd's own usage chunk, as OpenAI sends
+    # it (last, no choices), with what was billed.
+    assert all(ch.usage is None for ch in chunks[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last.object == "chat.completion.chunk" and last.id == chunks[0].id, last
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (prompt, 9, prompt + 9)
+    assert last.model == chunks[0].model
+
+
+def test_an_empty_prompt_stream_bills_the_reported_zero_and_shows_no_stray_chunk(world):
+    """Ollama answers an empty completions prompt by loading the model: one chunk, finish_reason "load",
+    then a usage chunk reporting 0 tokens. A reported zero is a report (billed as such, the same as the
+    non-stream answer), and the usage chunk the client did not ask for is not relayed."""
+    key = world.new_user("alice")
+    c = world.client(key)
+    chunks = list(c.completions.create(model="llama3.2:1b", prompt="", stream=True))
+    assert all(ch.choices for ch in chunks), chunks  # no choices-less chunk reaches a client that did not ask
+    c.completions.create(model="llama3.2:1b", prompt="")
+    world.settle_all()
+    assert world.rows("SELECT stream, prompt_tokens, completion_tokens, usage_source FROM requests ORDER BY stream") == [
+        (0, 0, 0, "reported"), (1, 0, 0, "reported")]
 
 
 def test_user_isolation(world):

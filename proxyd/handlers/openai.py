@@ -32,12 +32,14 @@ log = logging.getLogger("proxyd.proxy")
 class Outcome:
     """What happened on the wire, for settling: reported usage, the text relayed, whether anything was."""
 
-    __slots__ = ("usage", "texts", "delivered")
+    __slots__ = ("usage", "texts", "delivered", "usage_relayed", "last_event")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None
         self.texts: list[str] = []
         self.delivered = False
+        self.usage_relayed = False  # the client got a usage chunk (streams with include_usage)
+        self.last_event: dict[str, Any] | None = None  # the last stream event (its object, model, created)
 
 
 class ProxyHandler(BaseHandler):
@@ -200,7 +202,12 @@ class ProxyHandler(BaseHandler):
             resp.release() if done else resp.abort()
         if not done:
             raise UpstreamUnavailable("Upstream stream ended without [DONE] (connection cut or upstream error).")
-        await self.ctx.meter.settle(ticket, await self.usage_of(ticket, outcome))
+        usage = await self.usage_of(ticket, outcome)
+        await self.ctx.meter.settle(ticket, usage)
+        if include_usage and not outcome.usage_relayed:
+            # The client asked for usage and the upstream sent none (Ollama before 0.5.2, a llama.cpp
+            # server): OpenAI always sends the chunk, so proxyd sends what it billed.
+            await self.send(event(jsonio.dumps(usage_chunk(outcome.last_event, usage, our_id))))
         await self.send(event(DONE))
         self.finish()
 
@@ -217,11 +224,18 @@ class ProxyHandler(BaseHandler):
             message = err.get("message") if isinstance(err, dict) else str(err)
             raise UpstreamError(f"Upstream error mid-stream: {message}", status=502)
         self.collect_text(doc, outcome)
+        outcome.last_event = doc
         usage = doc.get("usage")
-        if isinstance(usage, dict) and usage.get("total_tokens"):
-            outcome.usage = usage
-            if not doc.get("choices") and not include_usage:
-                return None  # the usage-only chunk proxyd asked for on its own behalf
+        if isinstance(usage, dict):
+            # The usage chunk is the one with no choices; its figures count even when they are zero (an
+            # empty prompt). Other chunks of /v1/completions carry a zeroed usage object: ignored.
+            is_usage_chunk = not doc.get("choices")
+            if is_usage_chunk or usage.get("total_tokens"):
+                outcome.usage = usage
+            if is_usage_chunk:
+                if not include_usage:
+                    return None  # the usage-only chunk proxyd asked for on its own behalf
+                outcome.usage_relayed = True
         if "usage" in doc and not include_usage:
             # /v1/completions puts a zeroed usage object on every chunk once include_usage is on:
             # the client did not ask for it, so it must not see it.
@@ -316,6 +330,21 @@ class ProxyHandler(BaseHandler):
             self.write_error(status_code, **kwargs)  # mid-stream: error event, see write_error
             return
         super().send_error(status_code, **kwargs)
+
+
+def usage_chunk(last: dict[str, Any] | None, usage: Usage, our_id: bytes) -> dict[str, Any]:
+    """A stream's usage chunk in OpenAI's shape, shaped like the stream's other events."""
+    last = last or {}
+    return {
+        "id": our_id.decode(),
+        "object": last.get("object", "chat.completion.chunk"),
+        "created": last.get("created", int(time.time())),
+        "model": last.get("model", ""),
+        "system_fingerprint": last.get("system_fingerprint", "fp_ollama"),
+        "choices": [],
+        "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                  "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+    }
 
 
 def with_our_id(raw: bytes, doc: dict[str, Any], our_id: bytes) -> bytes:
