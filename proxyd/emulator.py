@@ -544,6 +544,7 @@ class Job:
     images: int = 0
     bad_image: bool = False
     wants_thinking: bool = False  # reasoning_effort other than "none": no emulated model thinks
+    tools: Optional[list] = None  # chat: rendered into the prompt by the template, so counted
 
 
 def _text_of(content: Any) -> str:
@@ -617,6 +618,7 @@ def parse_chat(body: Any) -> Job:
         max_tokens=body.get("max_tokens"),  # max_completion_tokens is ignored, like Ollama (#7125)
         steer_text="",
         messages=messages,
+        tools=body.get("tools") or None,
     )
     for msg in messages:
         _check_message(msg, job)
@@ -993,7 +995,7 @@ class ChatHandler(InferenceHandler):
                 raise OllamaError(500, NO_VISION)
             if job.bad_image:
                 raise OllamaError(500, NOT_AN_IMAGE)
-        prompt = await self.state.tokens.chat_prompt(model, job.messages or []) + opts.prompt_token_skew
+        prompt = await self.state.tokens.chat_prompt(model, job.messages or [], job.tools) + opts.prompt_token_skew
         pad = fault.arg if fault is not None and fault.name == "huge" else 0
         reply = plan_reply(natural, job.max_tokens, pad)
         rid = f"chatcmpl-{random.randrange(999)}"

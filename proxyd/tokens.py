@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,17 @@ def llama3_encoding() -> tiktoken.Encoding:
 
 
 ENCODINGS = {"llama3": llama3_encoding}
+
+# What a tool-capable template adds when a request has tools, besides each tool's JSON: Ollama's llama3.2
+# template puts this instruction into the system block and the last user message (shared/notes/
+# ollama-wire.md §11: "Tools change the template"; the wording is the library template's, not measured).
+TOOLS_PREAMBLE = (
+    "Environment: ipython\n\nWhen you receive a tool call response, use the output to format an answer to the "
+    "orginal user question.\n\nYou are a helpful assistant with tool calling capabilities.\n\n"
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\nRespond in the format {\"name\": function name, \"parameters\": "
+    "dictionary of argument name and its value}. Do not use variables.\n\n"
+)
 
 
 @dataclass(frozen=True)
@@ -134,8 +146,10 @@ class TokenCounter:
 
     # -- estimates of a request's prompt -----------------------------------------------------
 
-    async def chat_prompt(self, model: str, messages: list[dict[str, Any]]) -> int:
-        """Prompt tokens of a chat request as the model's template will render it."""
+    async def chat_prompt(self, model: str, messages: list[dict[str, Any]], tools: Any = None) -> int:
+        """Prompt tokens of a chat request as the model's template will render it. Tool definitions
+        count too: the template writes each one's JSON (and an instruction) into the prompt, and ten
+        tools with long descriptions are thousands of tokens that a reservation must cover."""
         shape = self.for_model(model)
         texts: list[str] = []
         roles: list[str] = []
@@ -146,6 +160,9 @@ class TokenCounter:
             images += _count_images(msg)
             texts.append("\n\n".join(parts))
             roles.append(role)
+        if isinstance(tools, list) and tools:
+            texts.append(TOOLS_PREAMBLE + "\n".join(_json(t) for t in tools))
+            roles.append("system")  # no turn of its own: only its tokens
         counts = await self.count_many(model, texts)
         t = shape.template
         total = t.base
@@ -174,6 +191,13 @@ class TokenCounter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    except (TypeError, ValueError):  # not JSON-able: Ollama refuses the request anyway
+        return str(value)
 
 
 def _message_texts(msg: dict[str, Any]) -> Iterable[str]:

@@ -125,6 +125,24 @@ def test_an_empty_prompt_stream_bills_the_reported_zero_and_shows_no_stray_chunk
         (0, 0, 0, "reported"), (1, 0, 0, "reported")]
 
 
+def test_tool_definitions_are_part_of_the_prompt_estimate(world):
+    """Ollama's template writes every tool's JSON into the prompt. An estimate without them (26 tokens
+    for "Hi" with ten long tools) let a user with a small allowance in, to be billed thousands of
+    tokens past the limit."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather. " * 100,
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    key = world.new_user("alice")
+    world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG, tools=[tool] * 10, max_tokens=3)
+    world.settle_all()
+    [(estimate, reported)] = world.rows("SELECT reserved_prompt, prompt_tokens FROM requests")
+    assert estimate > 3000 and estimate == reported, (estimate, reported)
+    small = world.client(world.new_user("bob", limits={"tokens_per_day": 1000}))
+    small.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=3)
+    with pytest.raises(openai.RateLimitError) as e:
+        small.chat.completions.create(model="llama3.2:1b", messages=MSG, tools=[tool] * 10, max_tokens=3)
+    assert e.value.body["code"] == "request_too_large", e.value.body
+
+
 def test_user_isolation(world):
     a = world.new_user("alice")
     b = world.new_user("bob")

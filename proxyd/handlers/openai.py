@@ -394,7 +394,7 @@ class ChatCompletionsHandler(ProxyHandler):
         body = self.json_body()
         model, stream, include_usage = validate.chat(body)
         images = await self.ctx.images.inline(body["messages"])
-        prompt = await self.ctx.tokens.chat_prompt(model, body["messages"])
+        prompt = await self.ctx.tokens.chat_prompt(model, body["messages"], body.get("tools"))
         self.log_fields["images"] = images
         await self.proxy(body, model=model, stream=stream, include_usage=include_usage, prompt_tokens=prompt)
 
