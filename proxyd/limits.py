@@ -538,7 +538,8 @@ class Limiter:
             headers["retry-after-ms"] = str(int(retry * 1000))
             limit_str = f"{c.limit} concurrent requests" if window == "concurrent" else f"limit {shown(c.limit)}"
             msg = f"Rate limit reached for {c.name}{where}: {used} of {limit_str}. Try again in {retry:.3g}s."
-            return RateLimited(msg, headers=headers)
+            # OpenAI's error type names what ran out: "requests" or "tokens" per minute.
+            return RateLimited(msg, headers=headers, type="tokens" if metric == 1 else "requests")
         if retry is not None:
             headers["Retry-After"] = str(int(retry + 0.999))
             resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + retry))

@@ -401,6 +401,7 @@ def test_a_used_up_limit_is_a_quota_refusal_even_with_the_default_budget(world):
     with pytest.raises(openai.RateLimitError) as e:
         minute.chat.completions.create(model="llama3.2:1b", messages=MSG)
     assert e.value.body["code"] == "rate_limit_exceeded", e.value.body  # retryable: it fits in a minute
+    assert e.value.body["type"] == "tokens", e.value.body  # what ran out, as OpenAI names it
     assert 0 < int(e.value.response.headers["retry-after"]) <= 60
     world.clock.advance(61)
     minute.chat.completions.create(model="llama3.2:1b", messages=MSG)
