@@ -31,6 +31,7 @@ DEMO_SNIPPET = """
 ================================================================================
 proxyd demo is up: http://{host}:{port}  (upstream: Ollama emulator at {upstream})
 Admin token for this run: {admin}
+Demo ledger: {ledger} (apart from the configured one; answers are emulated, not a model's)
 
 Try it with the openai SDK (pip install openai):
 
@@ -68,8 +69,12 @@ async def serve(config, *, demo: bool = False) -> int:
         config["upstream.url"] = f"http://127.0.0.1:{emu_port}"
         if not config["admin.token"]:
             config["admin.token"] = "adm-" + secrets.token_urlsafe(16)
+        # A ledger of its own, beside the configured one: emulated usage and the demo user's keys must
+        # never land in the real ledger (where the keys would work in front of the real Ollama).
+        config["database.path"] = os.path.join(os.path.dirname(config["database.path"]) or ".", "proxyd-demo.db")
 
     ctx = build_context(config)
+    ctx.demo = demo
     ctx.store.bind_loop(loop)
     # Load the tokenizers now (~0.2 s for the Llama 3 ranks), not in the first client's request.
     for model in config["models"]:
@@ -120,7 +125,7 @@ async def serve(config, *, demo: bool = False) -> int:
             key, _ = await ctx.accounts.add_key("demo")
         host = "localhost" if config["server.address"] in ("127.0.0.1", "0.0.0.0") else config["server.address"]
         print(DEMO_SNIPPET.format(host=host, port=config["server.port"], upstream=config["upstream.url"],
-                                  admin=config["admin.token"], key=key), flush=True)
+                                  admin=config["admin.token"], key=key, ledger=config["database.path"]), flush=True)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -45,6 +45,7 @@ class Context:
     metrics: Metrics | None
     in_flight: int = 0
     shutting_down: bool = False
+    demo: bool = False  # app.py --demo: the upstream is the bundled emulator
     open_per_key: dict[str, int] = field(default_factory=dict)
 
     def model_spec(self, model: str) -> dict[str, Any]:
@@ -174,7 +175,8 @@ class HealthHandler(BaseHandler):
         self.send_json(
             {
                 "status": "ok" if ok else "degraded",
-                "upstream": {"url": self.ctx.upstream.base_url, "reachable": ok, "detail": detail},
+                "upstream": {"url": self.ctx.upstream.base_url, "kind": "emulator" if self.ctx.demo else "ollama",
+                             "reachable": ok, "detail": detail},
                 "reservations_in_flight": self.ctx.meter.limiter.pending,
                 "ledger_queue_depth": self.ctx.store.queue_depth,
             }

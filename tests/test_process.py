@@ -163,3 +163,38 @@ def test_admin_api_on_its_own_port(tmp_path, emulator):
     finally:
         proc.terminate()
         assert proc.wait(15) == 0
+
+
+def test_demo_mode_serves_the_readme_snippet_from_a_ledger_of_its_own(tmp_path):
+    """The README's first command: `app.py --demo` with no Ollama around. It prints a key that works
+    through the openai SDK, says it is in demo mode (banner and /healthz), and keeps its emulated
+    usage and demo keys out of the configured ledger."""
+    import openai
+
+    port = free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"database:\n  path: {tmp_path / 'real.db'}\nupstream:\n  url: http://127.0.0.1:9\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXYD_")}
+    proc = subprocess.Popen([sys.executable, "app.py", "--demo", "--port", str(port), "--config", str(cfg)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        banner = []
+        for line in proc.stdout:
+            banner.append(line)
+            if "Your usage:" in line:
+                break
+        text = "".join(banner)
+        key = text.split('api_key="')[1].split('"')[0]
+        assert "Ollama emulator" in text and str(tmp_path / "proxyd-demo.db") in text, text
+        client = openai.OpenAI(base_url=f"http://localhost:{port}", api_key=key, max_retries=0)
+        r = client.chat.completions.create(model="llama3.2:1b", messages=[{"role": "user", "content": "What is 2+2?"}],
+                                           max_tokens=20)
+        assert r.choices[0].message.content and r.usage.total_tokens > 0
+        assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="llama3.2:1b", stream=True, messages=[{"role": "user", "content": "Tell me a story"}]))
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+        assert health["upstream"]["kind"] == "emulator" and health["status"] == "ok", health
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert (tmp_path / "proxyd-demo.db").exists() and not (tmp_path / "real.db").exists()
