@@ -51,7 +51,7 @@ class ProxyHandler(BaseHandler):
         super().prepare()
         self.authenticate_user()
         self._upstream_resp = None
-        self._upstream_call: asyncio.Future | None = None  # the request to Ollama, until its headers come
+        self._waiting_task: asyncio.Task | None = None  # this handler's task while it waits for Ollama's headers
         self._abandoned_upstream = False  # the client left while Ollama was working on the request
         self._client_gone = False
 
@@ -61,9 +61,9 @@ class ProxyHandler(BaseHandler):
         # come only after the whole generation); after them, aborting the response being relayed.
         super().on_connection_close()
         self._client_gone = True
-        call = getattr(self, "_upstream_call", None)
-        if call is not None and not call.done():
-            call.cancel()
+        task = getattr(self, "_waiting_task", None)
+        if task is not None:
+            task.cancel()  # lands in open_upstream's await, which turns it into ClientGone
         if getattr(self, "_upstream_resp", None) is not None:
             self._upstream_resp.abort()
 
@@ -126,16 +126,20 @@ class ProxyHandler(BaseHandler):
         if self._client_gone:  # left while images were fetched or the prompt counted: nothing to do, void
             raise ClientGone()
         started = time.perf_counter()
-        self._upstream_call = asyncio.ensure_future(self.ctx.upstream.request("POST", self.upstream_path, body))
+        # While this await waits for Ollama's headers, on_connection_close may cancel this very task
+        # (cheaper than running the request as a task of its own: no second task per request). The
+        # cancel interrupts aiohttp's request, which closes the upstream connection.
+        task = self._waiting_task = asyncio.current_task()
         try:
-            resp = await self._upstream_call
+            resp = await self.ctx.upstream.request("POST", self.upstream_path, body)
         except asyncio.CancelledError:
             if not self._client_gone:
-                raise
+                raise  # a cancel from elsewhere (shutdown): not ours to swallow
+            task.uncancel()  # handled here: later timeouts in this task must work as usual
             self._abandoned_upstream = True  # Ollama had the request: its prompt is billed (end_unsettled)
             raise ClientGone() from None
         finally:
-            self._upstream_call = None
+            self._waiting_task = None
         if self.ctx.metrics is not None:
             self.ctx.metrics.upstream_first_byte(self.endpoint, time.perf_counter() - started)
         self._upstream_resp = resp
