@@ -53,7 +53,7 @@ Limits = dict[str, Any]  # field -> int (nano-USD for cost) | None (unlimited); 
 # -- parsing and merging ---------------------------------------------------------------------------
 
 
-def parse_limits(raw: Any, where: str, *, allow_models: bool = True) -> Limits:
+def parse_limits(raw: Any, where: str, *, allow_models: bool = True, stored: bool = False) -> Limits:
     """Validates a limits mapping from config or the admin API; USD amounts become nano-USD ints.
 
     Absent fields inherit; ``null`` means unlimited (kept as None so it overrides an inherited value).
@@ -68,7 +68,7 @@ def parse_limits(raw: Any, where: str, *, allow_models: bool = True) -> Limits:
             if not isinstance(value, dict):
                 raise InvalidRequest(f"{where}.models must be an object of model -> limits", param=f"{where}.models")
             try:  # keyed as requests are looked up: by canonical model name (proxyd/modelname.py)
-                value = canonical_keys(value, f"{where}.models")
+                value = canonical_keys(value, f"{where}.models", keep_last=stored)
             except ValueError as exc:
                 raise InvalidRequest(str(exc), param=f"{where}.models") from None
             out["models"] = {m: parse_limits(v, f"{where}.models.{m}", allow_models=False) for m, v in value.items()}
@@ -323,10 +323,11 @@ class Limiter:
             b.used[1] += tokens
             b.used[2] += cost
 
-    def load_minute(self, user_id: str, model: str, t: float, tokens: int) -> None:
-        """Seeds one settled request of the last minute (at start; call in time order)."""
-        for scope in (model, "*"):
-            self._minute(user_id, scope, t).add(t, tokens)
+    def load_minute(self, user_id: str, model: str, t: float, tokens: int, *, attempt_only: bool = False) -> None:
+        """Seeds one request of the last minute (at start; call in time order). A voided one is an
+        attempt: one request in the all-models window, no tokens (as ``void`` leaves it)."""
+        for scope in ("*",) if attempt_only else (model, "*"):
+            self._minute(user_id, scope, t).add(t, 0 if attempt_only else tokens)
 
     def _bucket(self, user_id: str, scope: str, period: str) -> Bucket:
         key = (user_id, scope, period)
@@ -409,14 +410,24 @@ class Limiter:
             if completion_is_default and fit >= min_completion_tokens:
                 completion_tokens = fit
             else:
-                # What the smallest admissible form of this request needs, in the limit's unit: with
-                # proxyd's default budget that is the prompt plus min_completion_tokens (the budget
+                # What the smallest admissible form of this request needs of each limit, in the limit's
+                # unit: with proxyd's default budget the prompt plus min_completion_tokens (the budget
                 # would have been shrunk that far), not the full default the client never asked for.
-                # Judged against the limit itself, it tells "wait or top up" from "never fits".
-                c, window = binding
+                # A limit it exceeds even with nothing used is the answer ("never fits": change the
+                # request), whichever limit is tightest now; otherwise the tightest ("wait or top up").
                 least = min_completion_tokens if completion_is_default else completion_tokens
-                metric = LIMIT_FIELDS[c.name][0]
-                need = prompt_tokens + least if metric == 1 else _cost(prompt_tokens, least, price)
+
+                def need_of(metric: int) -> int:
+                    if metric == 1:
+                        return prompt_tokens + least
+                    return -(-(prompt_tokens * in_price + least * out_price) // 10**6)  # rounded up: exact
+
+                c, window = binding
+                for check, metric, win in all_checks:
+                    if metric != 0 and need_of(metric) > check.limit:
+                        c, window = check, win
+                        break
+                need = need_of(LIMIT_FIELDS[c.name][0])
                 raise self._refusal(c, window, now, need, user_id, default_budget=completion_is_default)
 
         # 2. Requests and concurrency.
@@ -516,8 +527,8 @@ class Limiter:
         headers: dict[str, str] = {}
         metric = LIMIT_FIELDS[c.name][0]
         if need > c.limit:
-            if metric == 0:  # a limit of 0 requests: the admin has shut this door
-                msg = f"{c.name}{where} is {c.limit}: no request can be admitted under it."
+            if c.limit == 0:  # the admin has shut this door
+                msg = f"{c.name}{where} is 0: no request can be admitted under it."
                 return QuotaExceeded(msg)
             what = "the prompt plus the smallest completion budget" if default_budget else "prompt plus max_tokens"
             fix = "Shorten the prompt." if default_budget else "Lower max_tokens or shorten the prompt."

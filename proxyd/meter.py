@@ -27,6 +27,7 @@ from typing import Any
 
 from .accounts import Caller, User
 from .limits import Hold, Limiter, Limits, SlidingMinute, cost_nusd, day_key, go_duration, merge, month_key, usd_str
+from .modelname import family
 from .pricing import PriceTable
 from .store import Additive, Store, Upsert
 
@@ -111,7 +112,9 @@ class Meter:
         if hit is not None and hit[0] is user.overrides:
             return hit[1], hit[2]
         eff = self.effective(user)
-        model_limits = eff.pop("models", {}).get(model, {})
+        models = eff.pop("models", {})
+        # The model's own limits, else its family's (a key without a tag: proxyd/modelname.py).
+        model_limits = models[model] if model in models else models.get(family(model), {})
         if len(self._split_cache) >= 50_000:  # model names come from clients: keep the cache bounded
             self._split_cache.clear()
         self._split_cache[key] = (user.overrides, eff, model_limits)
@@ -222,8 +225,9 @@ class Meter:
         self._load_last_minute(now)
 
     def _load_last_minute(self, now: float) -> None:
-        """Seeds the per-minute windows with the settled requests admitted in the last minute, so a
-        restart does not hand every user a fresh minute. Rows are read newest first by rowid (insertion
+        """Seeds the per-minute windows with the requests admitted in the last minute, so a restart does
+        not hand every user a fresh minute: settled ones with their tokens, voided ones as attempts
+        (they count against requests per minute, see ``Limiter.void``). Rows are read newest first by rowid (insertion
         order) and the scan stops at the first row finished over a minute ago: a row's insertion is no
         later than its finish, so every older rowid was inserted, hence admitted, before the window."""
         horizon = now - SlidingMinute.SPAN
@@ -236,13 +240,14 @@ class Meter:
             for user_id, model, created_at, finished_at, status, prompt, completion in cur:
                 if finished_at is not None and finished_at < cutoff:
                     break
-                if status == "settled" and created_at >= cutoff:
-                    found.append((_from_iso(created_at), user_id, model, (prompt or 0) + (completion or 0)))
+                if status in ("settled", "voided") and created_at >= cutoff:
+                    found.append((_from_iso(created_at), user_id, model, (prompt or 0) + (completion or 0),
+                                  status == "voided"))
             return found
 
-        for t, user_id, model, tokens in sorted(self.store.read_now(q)):
+        for t, user_id, model, tokens, voided in sorted(self.store.read_now(q)):
             if t > horizon:
-                self.limiter.load_minute(user_id, model, t, tokens)
+                self.limiter.load_minute(user_id, model, t, tokens, attempt_only=voided)
 
     def limit_status(self, user: User) -> list[dict[str, Any]]:
         """Every limit that applies to the user now: limit, used, reserved, remaining, resets_at."""

@@ -141,3 +141,44 @@ def m004_daily_aggregates_by_price(db: Database) -> None:
         log.warning("m004: daily aggregate of user %s, model %s, day %s rebuilt from the request rows: requests %s -> %s,"
                     " prompt tokens %s -> %s, completion tokens %s -> %s, cost (nano-USD) %s -> %s", *row)
     db.execute("DROP TABLE usage_daily_m002")
+
+
+def _m005_canonical(name: str) -> str:
+    # proxyd/modelname.py's canonical() as of m005, copied: a migration must not change when that does.
+    if name is None:
+        return name
+    folded = name.strip().lower()
+    for prefix in ("registry.ollama.ai/", "library/"):
+        if folded.startswith(prefix):
+            folded = folded[len(prefix):]
+    if not folded or folded.startswith(":"):
+        return name  # not a model name Ollama would serve: left as it was
+    return folded if ":" in folded.rsplit("/", 1)[-1] else folded + ":latest"
+
+
+@migrations()
+def m005_model_names_as_ollama_matches_them(db: Database) -> None:
+    # Requests are now recorded under one name per Ollama model (proxyd/modelname.py): "moondream" and
+    # "MoonDream" became "moondream:latest". Rows written before keep the client's spelling unless
+    # rewritten, and then a model's usage splits over two names: a per-model day/month/total limit
+    # would not see the earlier part, and the month's invoice would show the model twice.
+    db.conn.create_function("proxyd_m005_canonical", 1, _m005_canonical, deterministic=True)
+    changed = db.execute(
+        "SELECT model, proxyd_m005_canonical(model), COUNT(*) FROM requests"
+        " WHERE model != proxyd_m005_canonical(model) GROUP BY 1"
+    ).fetchall()
+    for old, new, n in changed:
+        log.info("m005: %d request rows of model %r recorded as %r", n, old, new)
+    if not changed:
+        return
+    db.execute("UPDATE requests SET model = proxyd_m005_canonical(model) WHERE model != proxyd_m005_canonical(model)")
+    # Aggregates of two spellings of one model on one day and price merge into one row.
+    db.execute(
+        "CREATE TEMP TABLE usage_daily_m005 AS SELECT user_id, proxyd_m005_canonical(model) AS model, day,"
+        " input_price_nusd_per_mtok, output_price_nusd_per_mtok, SUM(requests) AS requests,"
+        " SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,"
+        " SUM(cost_nusd) AS cost_nusd FROM usage_daily GROUP BY 1, 2, 3, 4, 5"
+    )
+    db.execute("DELETE FROM usage_daily")
+    db.execute("INSERT INTO usage_daily SELECT * FROM usage_daily_m005")
+    db.execute("DROP TABLE usage_daily_m005")

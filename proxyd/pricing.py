@@ -1,7 +1,7 @@
 """The price table: USD per million tokens in config, integer nano-USD per million tokens inside.
 
-A model's price is looked up by its canonical name (proxyd/modelname.py: as Ollama matches names), then
-its family (the part before ':'), then the ``default`` entry, else it is free. The price in force at settle time is written on each ledger row,
+A model's price is looked up by its canonical name (proxyd/modelname.py: as Ollama matches names, with
+its tag), then its family (a key without a tag), then the ``default`` entry, else it is free. The price in force at settle time is written on each ledger row,
 so changing the table never rewrites a past bill.
 """
 
@@ -11,7 +11,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from .config import ConfigError
-from .modelname import canonical_keys
+from .modelname import canonical_keys, family
 
 NANO = 10**9
 
@@ -41,7 +41,7 @@ class PriceTable:
         """(input, output) in nano-USD per million tokens."""
         p = self._prices.get(model)
         if p is None:
-            p = self._prices.get(model.split(":", 1)[0]) or self._prices.get("default") or (0, 0)
+            p = self._prices.get(family(model)) or self._prices.get("default") or (0, 0)
         return p
 
     def as_api(self) -> dict[str, dict[str, str]]:

@@ -126,7 +126,7 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     if expired:
         log.warning("expired %d reservations left pending by an earlier crash", expired)
     accounts = Accounts(store)
-    accounts.load(lambda raw: parse_limits(raw, "stored limits"))
+    accounts.load(lambda raw: parse_limits(raw, "stored limits", stored=True))
     metrics = Metrics(per_user_labels=config["metrics.per_user_labels"]) if config["metrics.enabled"] else None
     limiter = Limiter(clock=clock)
     meter = Meter(

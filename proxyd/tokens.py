@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from .modelname import canonical_keys
+from .modelname import canonical_keys, family
 
 # Meta's pre-tokenizer regex for Llama 3 (the same one llama_models uses).
 _LLAMA3_PATTERN = (
@@ -106,8 +106,8 @@ class TokenCounter:
         """The models entry that applies: the model's own, its family's (before ':'), or None."""
         if model in self._models:
             return model
-        family = model.split(":", 1)[0]
-        return family if family in self._models else None
+        fam = family(model)
+        return fam if fam in self._models else None
 
     def spec(self, model: str) -> dict[str, Any]:
         """A model's settings: its own entry (or its family's) over the defaults."""
@@ -195,7 +195,7 @@ class TokenCounter:
 
 def _json(value: Any) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))  # compact, as Go writes it
     except (TypeError, ValueError):  # not JSON-able: Ollama refuses the request anyway
         return str(value)
 

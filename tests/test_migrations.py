@@ -24,7 +24,8 @@ def test_blank_database_gets_the_current_schema():
     conn = sqlite3.connect(":memory:")
     migrations.apply(Database(conn))
     assert [m.name for m in migrations.applied(Database(conn))] == [
-        "m001_users_and_keys", "m002_ledger", "m003_pending_index_only", "m004_daily_aggregates_by_price"]
+        "m001_users_and_keys", "m002_ledger", "m003_pending_index_only", "m004_daily_aggregates_by_price",
+        "m005_model_names_as_ollama_matches_them"]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"users", "api_keys", "requests", "usage_daily"} <= tables
     assert not {t for t in tables if t.startswith("usage_daily_")}
@@ -142,3 +143,27 @@ def test_consistency_check_over_a_day_range_reads_only_those_days():
     # ...and so is a row of such a user once its day has an aggregate.
     conn.execute(ROW, ("r5", "ghost", "m", "settled", "2026-03-03", 1, 1, 1_000_000, 2_000_000, 3_000))
     assert reports.consistency(conn, start="2026-03-03", end="2026-03-03")["ok"] is True
+
+
+def test_m005_records_earlier_rows_under_the_model_name_ollama_resolves(caplog):
+    """Rows written before model names were folded keep the client's spelling; m005 rewrites them and
+    merges their aggregates, so a model's usage (limits, invoices) is not split over two names."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    db = Database(conn)
+    migrations.apply(db, stop_before="m005_model_names_as_ollama_matches_them")
+    rows = [("r1", "alice", "moondream", "settled", "2026-03-01", 10, 5, 1_000_000, 2_000_000, 20_000),
+            ("r2", "alice", "MoonDream:latest", "settled", "2026-03-01", 20, 5, 1_000_000, 2_000_000, 30_000),
+            ("r3", "alice", "llama3.2:1b", "settled", "2026-03-01", 7, 1, 1_000_000, 2_000_000, 9_000),
+            ("r4", "bob", "library/moondream", "voided", "2026-03-01", None, None, None, None, None)]
+    conn.executemany(ROW, rows)
+    conn.executemany("INSERT INTO usage_daily VALUES (?, ?, '2026-03-01', 1000000, 2000000, 1, ?, ?, ?)",
+                     [("alice", "moondream", 10, 5, 20_000), ("alice", "MoonDream:latest", 20, 5, 30_000),
+                      ("alice", "llama3.2:1b", 7, 1, 9_000)])
+    with caplog.at_level("INFO", logger="proxyd.migrations"):
+        migrations.apply(db)
+    assert conn.execute("SELECT id, model FROM requests ORDER BY id").fetchall() == [
+        ("r1", "moondream:latest"), ("r2", "moondream:latest"), ("r3", "llama3.2:1b"), ("r4", "moondream:latest")]
+    assert conn.execute("SELECT model, requests, prompt_tokens, cost_nusd FROM usage_daily ORDER BY model").fetchall() == [
+        ("llama3.2:1b", 1, 7, 9_000), ("moondream:latest", 2, 30, 50_000)]
+    assert reports.consistency(conn)["ok"] is True
+    assert sum("recorded as 'moondream:latest'" in r.getMessage() for r in caplog.records) == 3

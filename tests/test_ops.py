@@ -20,7 +20,7 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
                          ("limits:\n  default:\n    requests_per_hour: 5\n", "requests_per_hour"),
                          ("pricing:\n  m: {input_per_million_usd: -1}\n", "pricing.m"),
                          ("logging:\n  level: LOUD\n", "logging.level"),
-                         ("pricing:\n  moondream: {}\n  MoonDream:latest: {}\n", "names the same model"),
+                         ("pricing:\n  moondream: {}\n  MoonDream: {}\n", "names the same model"),
                          ("limits:\n  models:\n    a: {}\n    A: {}\n", "names the same model")):
         bad.write_text(text)
         out = subprocess.run([sys.executable, "app.py", "--config", str(bad)], cwd=ROOT, capture_output=True,

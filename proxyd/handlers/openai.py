@@ -46,13 +46,13 @@ class ProxyHandler(BaseHandler):
     endpoint = ""  # ledger name, e.g. "chat.completions"
     upstream_path = ""
     id_prefix = ""
+    chunk_object = ""  # the "object" of a stream event, e.g. "chat.completion.chunk"
 
     def prepare(self) -> None:
         super().prepare()
         self.authenticate_user()
         self._upstream_resp = None
         self._waiting_task: asyncio.Task | None = None  # this handler's task while it waits for Ollama's headers
-        self._abandoned_upstream = False  # the client left while Ollama was working on the request
         self._client_gone = False
 
     def on_connection_close(self) -> None:
@@ -111,7 +111,7 @@ class ProxyHandler(BaseHandler):
         # Not below min_completion_tokens even when the prompt (nearly) fills the context window: that
         # window is proxyd's guess, and Ollama itself truncates an overlong prompt and answers normally,
         # so a budget of 1 would only cut the answer to one token.
-        return max(self.ctx.config["estimate.min_completion_tokens"], min(default, room)), True
+        return min(default, max(self.ctx.config["estimate.min_completion_tokens"], room)), True
 
     def forward_body(self, body: dict[str, Any], ticket: Ticket, stream: bool) -> None:
         """What Ollama gets: max_tokens = the reserved budget, so the reservation stays an upper bound
@@ -135,11 +135,13 @@ class ProxyHandler(BaseHandler):
         except asyncio.CancelledError:
             if not self._client_gone:
                 raise  # a cancel from elsewhere (shutdown): not ours to swallow
-            task.uncancel()  # handled here: later timeouts in this task must work as usual
-            self._abandoned_upstream = True  # Ollama had the request: its prompt is billed (end_unsettled)
+            # Voided (end_unsettled): nothing was delivered, and whether Ollama evaluated the prompt is
+            # unknown (the request may have waited in the pool, or in Ollama's queue behind others).
             raise ClientGone() from None
         finally:
             self._waiting_task = None
+            if self._client_gone and task.cancelling():
+                task.uncancel()  # our cancel, handled here (even if it was swallowed): later timeouts work
         if self.ctx.metrics is not None:
             self.ctx.metrics.upstream_first_byte(self.endpoint, time.perf_counter() - started)
         self._upstream_resp = resp
@@ -211,7 +213,8 @@ class ProxyHandler(BaseHandler):
         if include_usage and not outcome.usage_relayed:
             # The client asked for usage and the upstream sent none (Ollama before 0.5.2, a llama.cpp
             # server): OpenAI always sends the chunk, so proxyd sends what it billed.
-            await self.send(event(jsonio.dumps(usage_chunk(outcome.last_event, usage, our_id))))
+            shape = outcome.last_event or {"object": self.chunk_object, "model": body.get("model", "")}
+            await self.send(event(jsonio.dumps(usage_chunk(shape, usage, our_id))))
         await self.send(event(DONE))
         self.finish()
 
@@ -236,10 +239,9 @@ class ProxyHandler(BaseHandler):
             is_usage_chunk = not doc.get("choices")
             if is_usage_chunk or usage.get("total_tokens"):
                 outcome.usage = usage
-            if is_usage_chunk:
-                if not include_usage:
-                    return None  # the usage-only chunk proxyd asked for on its own behalf
-                outcome.usage_relayed = True
+                outcome.usage_relayed = include_usage  # the client sees this usage: none to add at the end
+            if is_usage_chunk and not include_usage:
+                return None  # the usage-only chunk proxyd asked for on its own behalf
         if "usage" in doc and not include_usage:
             # /v1/completions puts a zeroed usage object on every chunk once include_usage is on:
             # the client did not ask for it, so it must not see it.
@@ -290,12 +292,10 @@ class ProxyHandler(BaseHandler):
         """The one exit for a reservation the relay did not settle."""
         meter = self.ctx.meter
         accepted = self._upstream_resp is not None and self._upstream_resp.status == 200
-        if outcome.delivered or (self._client_gone and (accepted or self._abandoned_upstream)):
+        if outcome.delivered or (self._client_gone and accepted):
             # The client got part of an answer, or left after Ollama took the request (200: the prompt
-            # was evaluated; an error answer, e.g. 404 for an unknown model, evaluated nothing), or
-            # left while Ollama was still working on it (no answer yet: the prompt is being or has
-            # been evaluated; an error would have come back at once): bill the prompt plus what was
-            # relayed (reported usage if it came, else counted).
+            # was evaluated; an error answer, e.g. 404 for an unknown model, evaluated nothing): bill
+            # the prompt plus what was relayed (reported usage if it came, else counted).
             try:
                 await meter.settle(ticket, await self.usage_of(ticket, outcome), http_status=499 if self._client_gone else 502)
             except Exception:
@@ -336,9 +336,8 @@ class ProxyHandler(BaseHandler):
         super().send_error(status_code, **kwargs)
 
 
-def usage_chunk(last: dict[str, Any] | None, usage: Usage, our_id: bytes) -> dict[str, Any]:
-    """A stream's usage chunk in OpenAI's shape, shaped like the stream's other events."""
-    last = last or {}
+def usage_chunk(last: dict[str, Any], usage: Usage, our_id: bytes) -> dict[str, Any]:
+    """A stream's usage chunk in OpenAI's shape, shaped like the stream's other events (``last``)."""
     return {
         "id": our_id.decode(),
         "object": last.get("object", "chat.completion.chunk"),
@@ -393,6 +392,7 @@ class ChatCompletionsHandler(ProxyHandler):
     endpoint = "chat.completions"
     upstream_path = "/v1/chat/completions"
     id_prefix = "chatcmpl-"
+    chunk_object = "chat.completion.chunk"
 
     async def post(self) -> None:
         body = self.json_body()
@@ -407,6 +407,7 @@ class CompletionsHandler(ProxyHandler):
     endpoint = "completions"
     upstream_path = "/v1/completions"
     id_prefix = "cmpl-"
+    chunk_object = "text_completion"
 
     async def post(self) -> None:
         body = self.json_body()
