@@ -428,12 +428,12 @@ class Limiter:
                         c, window = check, win
                         break
                 need = need_of(LIMIT_FIELDS[c.name][0])
-                raise self._refusal(c, window, now, need, user_id, default_budget=completion_is_default)
+                raise self._refusal(c, window, now, need, user_id, all_checks, default_budget=completion_is_default)
 
         # 2. Requests and concurrency.
         for c, metric, window in all_checks:
             if metric == 0 and c.used + c.reserved + 1 > c.limit:
-                raise self._refusal(c, window, now, 1, user_id)
+                raise self._refusal(c, window, now, 1, user_id, all_checks)
 
         # 3. Reserve against every window of both scopes (also those without a limit, so usage reads stay
         #    cheap and a limit set later sees what is already in flight).
@@ -517,10 +517,17 @@ class Limiter:
 
     # -- refusals and headers ------------------------------------------------------------------
 
-    def _refusal(self, c: Check, window: str, now: float, need: int, user_id: str, *, default_budget: bool = False):
+    def _refusal(self, c: Check, window: str, now: float, need: int, user_id: str, checks: list, *,
+                 default_budget: bool = False):
         """The refusal for limit ``c``. ``need`` is what the request needs of it, in the limit's unit
         (requests, tokens or nano-USD): more than the whole limit means it can never fit (not
-        retryable, and the client is told what to change); otherwise it fits once usage frees up."""
+        retryable, and the client is told what to change); otherwise it fits once usage frees up.
+        The error carries every check made (``checks``), for the x-ratelimit-* headers of the 429."""
+        err = self._refusal_error(c, window, now, need, user_id, default_budget)
+        err.checks = checks
+        return err
+
+    def _refusal_error(self, c: Check, window: str, now: float, need: int, user_id: str, default_budget: bool):
         where = "" if c.scope == "*" else f" for model {c.scope}"
         shown = (lambda v: "$" + usd_str(v)) if c.name.endswith("_usd") else str
         used = f"used {shown(c.used)}" + (f" + {shown(c.reserved)} reserved" if c.reserved else "")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .accounts import Caller, User
+from .errors import QuotaExceeded, RateLimited
 from .limits import Hold, Limiter, Limits, SlidingMinute, cost_nusd, day_key, go_duration, merge, month_key, usd_str
 from .modelname import family
 from .pricing import PriceTable
@@ -136,18 +137,25 @@ class Meter:
     ) -> Ticket:
         """Reserves or raises RateLimited/QuotaExceeded. Synchronous: atomic on the event loop."""
         user_limits, model_limits = self._split(caller.user, model)
-        hold = self.limiter.reserve(
-            user_id=caller.user.user_id,
-            model=model,
-            user_limits=user_limits,
-            model_limits=model_limits,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            completion_is_default=completion_is_default,
-            min_completion_tokens=self.min_completion_tokens,
-            price=self.prices.price(model),
-        )
-        ticket = Ticket(request_id, caller, model, endpoint, stream, hold, time.perf_counter(), _rate_headers(hold))
+        try:
+            hold = self.limiter.reserve(
+                user_id=caller.user.user_id,
+                model=model,
+                user_limits=user_limits,
+                model_limits=model_limits,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                completion_is_default=completion_is_default,
+                min_completion_tokens=self.min_completion_tokens,
+                price=self.prices.price(model),
+            )
+        except (RateLimited, QuotaExceeded) as refusal:
+            # OpenAI sends its x-ratelimit-* headers on a 429 too: the state that refused, nothing added.
+            for name, value in _rate_headers(refusal.checks, 0, 0, self.limiter.clock(), entered=False).items():
+                refusal.headers.setdefault(name, value)
+            raise
+        headers = _rate_headers(hold.checks, 1, hold.tokens, hold.admitted_at, entered=True)
+        ticket = Ticket(request_id, caller, model, endpoint, stream, hold, time.perf_counter(), headers)
         if self.pending_row_after_s > 0:
             self._awaiting_row[request_id] = ticket
             if self._sweep_handle is None:
@@ -227,9 +235,10 @@ class Meter:
     def _load_last_minute(self, now: float) -> None:
         """Seeds the per-minute windows with the requests admitted in the last minute, so a restart does
         not hand every user a fresh minute: settled ones with their tokens, voided ones as attempts
-        (they count against requests per minute, see ``Limiter.void``). Rows are read newest first by rowid (insertion
-        order) and the scan stops at the first row finished over a minute ago: a row's insertion is no
-        later than its finish, so every older rowid was inserted, hence admitted, before the window."""
+        (they count against requests per minute, see ``Limiter.void``). Rows are read newest first by
+        rowid (insertion order) and the scan stops at the first row finished over a minute ago: a row's
+        insertion is no later than its finish, so every older rowid was inserted, hence admitted,
+        before the window."""
         horizon = now - SlidingMinute.SPAN
         cutoff = _iso(horizon)
 
@@ -274,15 +283,16 @@ class Meter:
         return out
 
 
-def _rate_headers(hold: Hold) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the tightest request and token limits, after this admission.
+def _rate_headers(checks: list, requests: int, tokens: int, now: float, *, entered: bool) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the tightest request and token limits, after this admission
+    (``requests``/``tokens`` it added; both 0 for a refusal).
 
     Computed from the checks the admission itself made (no second pass over the windows).
     """
     headers: dict[str, str] = {}
-    for metric, suffix, amount in ((0, "requests", 1), (1, "tokens", hold.tokens)):
+    for metric, suffix, amount in ((0, "requests", requests), (1, "tokens", tokens)):
         best, best_left, best_window = None, 0, ""
-        for c, m, window in hold.checks:
+        for c, m, window in checks:
             if m != metric or window == "concurrent":
                 continue
             left = max(0, c.remaining - amount)
@@ -291,9 +301,9 @@ def _rate_headers(hold: Hold) -> dict[str, str]:
         if best is not None:
             headers[f"x-ratelimit-limit-{suffix}"] = str(best.limit)
             headers[f"x-ratelimit-remaining-{suffix}"] = str(best_left)
-            # Reset = time until the window is fully replenished; for the sliding minute that is 60 s,
-            # since this very request just entered it.
-            reset = 60.0 if best_window == "minute" else (best.reset_at - hold.admitted_at if best.reset_at else None)
+            # Reset = time until the window is fully replenished; for the sliding minute that is 60 s
+            # when this very request just entered it.
+            reset = 60.0 if entered and best_window == "minute" else (best.reset_at - now if best.reset_at else None)
             if reset is not None:
                 headers[f"x-ratelimit-reset-{suffix}"] = go_duration(max(0.0, reset))
     return headers

@@ -324,6 +324,10 @@ def test_short_term_limits_and_rollover(world):
     assert "requests_per_minute" in e.value.message and "used 2" in e.value.message
     assert 0 < int(e.value.response.headers["retry-after"]) <= 60
     assert float(e.value.response.headers["retry-after-ms"]) > 0
+    # OpenAI's x-ratelimit-* headers come with the 429 too: the state that refused it.
+    h = e.value.response.headers
+    assert (h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]) == ("2", "0"), dict(h)
+    assert h["x-ratelimit-reset-requests"].endswith("s"), dict(h)
     world.clock.advance(61)
     c.chat.completions.create(model="llama3.2:1b", messages=MSG)
 
