@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_settings:
         print(describe())
         return 0
-    logging.basicConfig(level=os.environ.get("PROXYD_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # INFO until the config is read; then logging.level (validated there) applies.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = args.config or os.environ.get("PROXYD_CONFIG") or ("config.yaml" if os.path.exists("config.yaml") else None)
     overrides = {"server.port": args.port} if args.port else {}
     try:

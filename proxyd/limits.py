@@ -67,11 +67,13 @@ def parse_limits(raw: Any, where: str, *, allow_models: bool = True, stored: boo
         if name == "models" and allow_models:
             if not isinstance(value, dict):
                 raise InvalidRequest(f"{where}.models must be an object of model -> limits", param=f"{where}.models")
-            try:  # keyed as requests are looked up: by canonical model name (proxyd/modelname.py)
-                value = canonical_keys(value, f"{where}.models", keep_last=stored)
+            # Parsed under the names the client wrote (errors name them), then keyed as requests are
+            # looked up: by canonical model name (proxyd/modelname.py).
+            parsed = {m: parse_limits(v, f"{where}.models.{m}", allow_models=False) for m, v in value.items()}
+            try:
+                out["models"] = canonical_keys(parsed, f"{where}.models", per_model=True, keep_last=stored)
             except ValueError as exc:
                 raise InvalidRequest(str(exc), param=f"{where}.models") from None
-            out["models"] = {m: parse_limits(v, f"{where}.models.{m}", allow_models=False) for m, v in value.items()}
             continue
         if name not in LIMIT_FIELDS:
             known = ", ".join(sorted(LIMIT_FIELDS))
@@ -414,7 +416,8 @@ class Limiter:
                 # unit: with proxyd's default budget the prompt plus min_completion_tokens (the budget
                 # would have been shrunk that far), not the full default the client never asked for.
                 # A limit it exceeds even with nothing used is the answer ("never fits": change the
-                # request), whichever limit is tightest now; otherwise the tightest ("wait or top up").
+                # request; the one it exceeds most, so that a fix for it fits the others), whichever
+                # limit is tightest now; otherwise the tightest ("wait or top up").
                 least = min_completion_tokens if completion_is_default else completion_tokens
 
                 def need_of(metric: int) -> int:
@@ -423,10 +426,12 @@ class Limiter:
                     return -(-(prompt_tokens * in_price + least * out_price) // 10**6)  # rounded up: exact
 
                 c, window = binding
+                worst = 1.0
                 for check, metric, win in all_checks:
-                    if metric != 0 and need_of(metric) > check.limit:
-                        c, window = check, win
-                        break
+                    if metric != 0:
+                        over = need_of(metric) / check.limit if check.limit else float("inf")
+                        if over > worst:
+                            c, window, worst = check, win, over
                 need = need_of(LIMIT_FIELDS[c.name][0])
                 raise self._refusal(c, window, now, need, user_id, all_checks, default_budget=completion_is_default)
 
@@ -542,6 +547,13 @@ class Limiter:
             amount = f"{need} tokens" if metric == 1 else f"at least {shown(need)}"
             msg = f"Request too large for {c.name}{where}: it needs {amount} ({what}) but the limit is {shown(c.limit)}. {fix}"
             return QuotaExceeded(msg, code="request_too_large")
+        if c.reserved and need <= c.limit - c.used:
+            # It fits once requests in flight settle (they reserved the room; an answer without
+            # max_tokens may hold all that is left): a matter of seconds, not of the period's end.
+            msg = (f"Rate limit reached for {c.name}{where}: {used} by requests in flight, of limit "
+                   f"{shown(c.limit)}. Try again when they finish.")
+            return RateLimited(msg, headers={"Retry-After": "1", "retry-after-ms": "1000"},
+                               type="tokens" if metric == 1 else "requests")
         if window == "concurrent":
             retry = 1.0
         elif window == "minute":

@@ -28,7 +28,6 @@ from typing import Any
 from .accounts import Caller, User
 from .errors import QuotaExceeded, RateLimited
 from .limits import Hold, Limiter, Limits, SlidingMinute, cost_nusd, day_key, go_duration, merge, month_key, usd_str
-from .modelname import family
 from .pricing import PriceTable
 from .store import Additive, Store, Upsert
 
@@ -113,9 +112,7 @@ class Meter:
         if hit is not None and hit[0] is user.overrides:
             return hit[1], hit[2]
         eff = self.effective(user)
-        models = eff.pop("models", {})
-        # The model's own limits, else its family's (a key without a tag: proxyd/modelname.py).
-        model_limits = models[model] if model in models else models.get(family(model), {})
+        model_limits = eff.pop("models", {}).get(model, {})  # keys and model alike canonical (modelname.py)
         if len(self._split_cache) >= 50_000:  # model names come from clients: keep the cache bounded
             self._split_cache.clear()
         self._split_cache[key] = (user.overrides, eff, model_limits)

@@ -9,11 +9,12 @@ spelling in another case is billed at the default price. So a requested model is
 up under ``canonical(name)``, always with its tag (``moondream:latest``); what Ollama receives is
 still what the client sent.
 
-Keys in config and in the admin API (``pricing``, ``models``, ``limits.models``) go through
-``config_key``: the same folding, but a key without a tag stays without one, because such a key names
-a family — ``moondream`` applies to ``moondream:latest``, ``llama3.2`` to ``llama3.2:1b`` and
-``llama3.2:3b`` — while a tagged key (``llama3.2:latest``) names exactly one model. Lookups try the
-exact name, then the family (``family``), then any ``default``.
+Keys of ``limits.models`` (config and admin API) name one model each, folded the same way
+(``moondream`` is ``moondream:latest``): a limit is kept per model, and its usage is read back under
+that one name. Keys of ``pricing`` and ``models`` (token counting) are stateless lookups and keep a
+missing tag as written, so that such a key covers a family — ``llama3.2`` prices ``llama3.2:1b`` and
+``llama3.2:3b`` — while a tagged key (``llama3.2:latest``) covers exactly one model. Those lookups try
+the exact name, then the family (``family``), then any ``default``.
 """
 
 from __future__ import annotations
@@ -49,14 +50,17 @@ def family(name: str) -> str:
     return name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
 
 
-def canonical_keys(mapping: dict, where: str, *, keep_last: bool = False) -> dict:
-    """A config or API mapping keyed by model name, re-keyed by ``config_key``. Raises ValueError when
-    two keys name the same model (which one was meant?) or a key would read as ``default``. With
-    ``keep_last`` (limits stored before this folding existed: refusing them would stop the start) the
-    later key wins and a warning says so."""
+def canonical_keys(mapping: dict, where: str, *, per_model: bool = False, keep_last: bool = False) -> dict:
+    """A config or API mapping keyed by model name, re-keyed by ``config_key`` (``per_model``: by
+    ``canonical``, one model per key). Raises ValueError for a key that names no model, when two keys
+    name the same model (which one was meant?) or a key would read as ``default``. With ``keep_last``
+    (limits stored before this folding existed: refusing them would stop the start) the later key
+    wins and a warning says so."""
     out: dict = {}
     for key, value in mapping.items():
-        name = config_key(str(key))
+        name = canonical(str(key)) if per_model else config_key(str(key))
+        if (not name or name.startswith(":") or name.endswith(":")) and not keep_last:
+            raise ValueError(f"{where}: '{key}' is not a model name")
         if name == "default" and key != "default" and not keep_last:
             raise ValueError(f"{where}: write the default entry as 'default', not '{key}'")
         if name in out:

@@ -1,8 +1,9 @@
 """The price table: USD per million tokens in config, integer nano-USD per million tokens inside.
 
 A model's price is looked up by its canonical name (proxyd/modelname.py: as Ollama matches names, with
-its tag), then its family (a key without a tag), then the ``default`` entry, else it is free. The price in force at settle time is written on each ledger row,
-so changing the table never rewrites a past bill.
+its tag), then its family (a key without a tag), then the ``default`` entry, else it is free. The
+price in force at settle time is written on each ledger row, so changing the table never rewrites a
+past bill.
 """
 
 from __future__ import annotations

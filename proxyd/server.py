@@ -86,8 +86,8 @@ def parse_config_limits(raw: dict[str, Any]) -> dict[str, Any]:
     try:
         return {
             "default": parse_limits(raw.get("default"), "limits.default"),
-            "models": {m: parse_limits(v, f"limits.models.{m}", allow_models=False)
-                       for m, v in canonical_keys(raw.get("models") or {}, "limits.models").items()},
+            "models": canonical_keys({m: parse_limits(v, f"limits.models.{m}", allow_models=False)
+                                      for m, v in (raw.get("models") or {}).items()}, "limits.models", per_model=True),
             "users": {u: parse_limits(v, f"limits.users.{u}") for u, v in (raw.get("users") or {}).items()},
         }
     except InvalidRequest as exc:

@@ -180,7 +180,10 @@ class TokenCounter:
         return total + images * shape.image_tokens
 
     async def text_prompt(self, model: str, prompt: str) -> int:
-        """/v1/completions: Ollama wraps the prompt in the chat template as one user message."""
+        """/v1/completions: Ollama wraps the prompt in the chat template as one user message. An empty
+        prompt only loads the model (finish_reason "load"): Ollama evaluates nothing and reports 0."""
+        if not prompt:
+            return 0
         shape = self.for_model(model)
         (n,) = await self.count_many(model, [prompt])
         return shape.template.base + n

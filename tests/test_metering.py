@@ -149,6 +149,14 @@ def test_tool_definitions_are_part_of_the_prompt_estimate(world):
     assert e.value.body["code"] == "request_too_large", e.value.body
 
 
+def test_an_empty_prompt_is_counted_as_nothing_when_the_upstream_reports_no_usage(make_world):
+    world = make_world(emulator={"send_usage": False})
+    key = world.new_user("alice")
+    list(world.client(key).completions.create(model="llama3.2:1b", prompt="", stream=True))
+    world.settle_all()
+    assert world.rows("SELECT prompt_tokens, completion_tokens, usage_source FROM requests") == [(0, 0, "counted")]
+
+
 def test_user_isolation(world):
     a = world.new_user("alice")
     b = world.new_user("bob")
@@ -293,8 +301,11 @@ def test_concurrent_requests_never_bill_past_a_total_limit(world):
                 await client.chat.completions.create(model="llama3.2:1b", messages=msgs, max_tokens=20)
                 ok += 1
             except openai.RateLimitError as e:
-                assert e.body["code"] in ("insufficient_quota",)
-                assert e.response.headers["x-should-retry"] == "false"
+                if e.body["code"] == "rate_limit_exceeded":  # room held by requests in flight: retry soon
+                    assert e.response.headers["retry-after"] == "1" and "in flight" in e.message, e.message
+                else:  # room used up: not retryable
+                    assert e.body["code"] == "insufficient_quota", e.body
+                    assert e.response.headers["x-should-retry"] == "false"
                 refused += 1
 
         await asyncio.gather(*[one() for _ in range(120)])
@@ -431,6 +442,33 @@ def test_a_used_up_limit_is_a_quota_refusal_even_with_the_default_budget(world):
     assert check["ok"] and check["reserved_in_flight"] == 0, check
 
 
+def test_room_held_by_a_request_in_flight_is_a_short_wait_not_a_spent_quota(make_world):
+    """A request without max_tokens reserves all that is left of a small allowance (its default budget
+    shrunk to fit). A request meanwhile must hear "try again in a moment", not "quota exceeded,
+    resets tomorrow" with x-should-retry false: the room frees when the first one settles."""
+    world = make_world(emulator={"token_delay_s": 0.05})
+    key = world.new_user("alice", limits={"tokens_per_day": 1000})
+
+    async def run():
+        client = world.async_client(key)
+        first = asyncio.create_task(client.chat.completions.create(
+            model="llama3.2:1b", messages=[{"role": "user", "content": "[[emu:reply_tokens=20]] hi"}]))
+        while world.ctx.meter.limiter.pending == 0:
+            await asyncio.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as e:
+            await client.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=10)
+        await first
+        again = await client.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=10)
+        await client.close()
+        return e.value, again
+
+    refusal, again = asyncio.run(run())
+    assert refusal.body["code"] == "rate_limit_exceeded" and refusal.body["type"] == "tokens", refusal.body
+    assert refusal.response.headers["retry-after"] == "1" and "x-should-retry" not in refusal.response.headers
+    assert "in flight" in refusal.message, refusal.message
+    assert again.usage.total_tokens > 0
+
+
 def test_long_term_limits_roll_over_by_calendar(world):
     key = world.new_user("alice", limits={"requests_per_day": 1, "total_cost_usd": 100})
     c = world.client(key)
@@ -516,9 +554,12 @@ def test_bad_limits_are_400(world):
 def test_bad_usage_ranges_are_400(world):
     key = world.new_user("alice")
     for params, param in (({"start": "2026-02-30"}, "start"), ({"end": "0000-00-00"}, "end"),
-                          ({"start": "2026-1-01"}, "start"), ({"start": "2026-03-02", "end": "2026-03-01"}, "start")):
+                          ({"start": "2026-1-01"}, "start"), ({"start": "2026-03-02", "end": "2026-03-01"}, "start"),
+                          ({"start": "\uff12026-01-01"}, "start")):  # a full-width digit is a digit to \d
         r = world.get("/v1/usage", key, **params)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (params, r.text)
+    r = world.get("/v1/billing/invoices", key, period="\uff12026-11")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "period", r.text
     r = world.get("/v1/usage", key, start="2024-02-29", end="2024-03-01")  # a leap day is a day
     assert r.status_code == 200 and (r.json()["start"], r.json()["end"]) == ("2024-02-29", "2024-03-01"), r.text
 
@@ -580,6 +621,11 @@ def test_a_limit_the_request_can_never_fit_is_the_refusal_whichever_is_tightest_
     with pytest.raises(QuotaExceeded) as e:  # 10 tokens left this minute; the day's limit is 100 and it needs 250
         lim.reserve(**args, prompt_tokens=200, completion_tokens=50)
     assert e.value.code == "request_too_large" and "tokens_per_day for model m" in e.value.message, e.value.message
+    # Of two limits it can never fit, the one it exceeds most: shortening the prompt to fit that one fits both.
+    with pytest.raises(QuotaExceeded) as e:
+        lim.reserve(**{**args, "user_id": "w", "user_limits": {"tokens_per_day": 150, "total_tokens": 100},
+                       "model_limits": {}}, prompt_tokens=156, completion_tokens=10)
+    assert "total_tokens" in e.value.message and "limit is 100" in e.value.message, e.value.message
     # A cost limit the request exceeds by less than half a nano-dollar can never be met either: its need
     # is rounded up (1.3 nano-USD against a limit of 1), not to the nearest (1, which would "fit later").
     with pytest.raises(QuotaExceeded) as e:
@@ -650,10 +696,16 @@ def test_every_spelling_ollama_serves_as_one_model_is_metered_as_that_model(make
                       " GROUP BY 1, 2 ORDER BY 1") == [("llama3.2:1b", 1_000_000_000, 1), ("moondream:latest", 1_000_000_000_000, 2)]
     usage = world.get("/v1/usage", key, model="moondream:latest").json()
     assert usage["totals"]["requests"] == 2, usage
+    status = [x for x in world.get("/v1/limits", key).json()["limits"] if x["model"]]
+    assert [(x["model"], x["name"], x["used"]) for x in status] == [("moondream:latest", "requests_per_minute", 2)], status
     # Two keys for one model in one mapping: which was meant? Refused, naming them.
-    r = world.admin("PUT", "/admin/users/bob/limits", {"models": {"moondream": {"requests_per_day": 1},
-                                                                 "library/MoonDream": {"requests_per_day": 2}}})
-    assert r.status_code == 400 and "names the same model" in r.json()["error"]["message"], r.text
+    for same in ("library/MoonDream", "moondream:latest"):
+        r = world.admin("PUT", "/admin/users/bob/limits", {"models": {"moondream": {"requests_per_day": 1},
+                                                                     same: {"requests_per_day": 2}}})
+        assert r.status_code == 400 and "names the same model" in r.json()["error"]["message"], r.text
+    for nothing in ("", ":latest", "moondream:"):
+        r = world.admin("PUT", "/admin/users/bob/limits", {"models": {nothing: {"requests_per_day": 1}}})
+        assert r.status_code == 400 and "not a model name" in r.json()["error"]["message"], r.text
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=":latest", messages=MSG)
 

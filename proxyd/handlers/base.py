@@ -52,6 +52,9 @@ def new_request_id() -> str:
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be sent to it."""
 
+    def __init__(self) -> None:
+        super().__init__("client closed the connection")  # what the ledger row's error column says
+
 
 @tornado.web.stream_request_body
 class BaseHandler(tornado.web.RequestHandler):

@@ -14,8 +14,8 @@ from ..limits import to_api
 from ..modelname import canonical
 from .base import BaseHandler
 
-DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-MONTH = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")  # not \d: it matches other scripts' digits too
+MONTH = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
 
 
 def day_range(handler: BaseHandler, default_start: str | None) -> tuple[str | None, str]:
