@@ -48,6 +48,7 @@ import tornado.netutil
 import tornado.web
 
 from proxyd.errors import openai_type_for_status
+from proxyd.modelname import canonical
 from proxyd.tokens import TokenCounter
 
 log = logging.getLogger("proxyd.emulator")
@@ -395,22 +396,13 @@ def check_struct(body: Any, struct_name: str, fields: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _canonical(name: str) -> str:
-    """Ollama's name matching: case-insensitive, default namespace 'library', default tag 'latest'."""
-    name = name.strip().lower()
-    for prefix in ("registry.ollama.ai/", "library/"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    if ":" not in name.rsplit("/", 1)[-1]:
-        name += ":latest"
-    return name
-
-
 def _find(name: str, names: tuple) -> Optional[str]:
-    if not name:
+    """Ollama's name matching (case-insensitive, default namespace 'library', default tag 'latest'):
+    the same folding proxyd records models under, so it is written once, in proxyd/modelname.py."""
+    want = canonical(name)
+    if not want:
         return None
-    want = _canonical(name)
-    return next((m for m in names if _canonical(m) == want), None)
+    return next((m for m in names if canonical(m) == want), None)
 
 
 def _listed_name(name: str) -> str:
