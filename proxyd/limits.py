@@ -596,7 +596,7 @@ def limit_headers(c: Check, remaining: int) -> dict[str, str]:
     is the refusal's Retry-After. A total limit never resets: no reset header."""
     shown = usd_str if c.name.endswith("_usd") else str
     headers = {"x-proxyd-limit": c.name, "x-proxyd-limit-quota": shown(c.limit),
-               "x-proxyd-limit-remaining": shown(max(0, remaining))}
+               "x-proxyd-limit-remaining": shown(remaining if remaining > 0 else 0)}
     if c.scope != "*":
         headers["x-proxyd-limit-model"] = c.scope
     if c.reset_at is not None:

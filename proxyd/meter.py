@@ -301,13 +301,12 @@ def _rate_headers(checks: list, amounts: tuple[int, int, int], now: float, *, en
     minute: list = [None, None]  # per metric (requests, tokens): (left, check)
     tight = None  # (fraction left, left, check)
     for c, metric, window in checks:
+        left = c.limit - c.used - c.reserved - amounts[metric]  # inline, not c.remaining: per request, per limit
         if window == "minute":
-            left = max(0, c.remaining - amounts[metric])
             best = minute[metric]
             if best is None or left < best[0]:
                 minute[metric] = (left, c)
         elif long_term and window != "concurrent":
-            left = max(0, c.remaining - amounts[metric])
             fraction = left / c.limit if c.limit else 0.0
             if tight is None or fraction < tight[0]:
                 tight = (fraction, left, c)
@@ -316,7 +315,7 @@ def _rate_headers(checks: list, amounts: tuple[int, int, int], now: float, *, en
         if best is not None:
             left, c = best
             headers[f"x-ratelimit-limit-{suffix}"] = str(c.limit)
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(left)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(left if left > 0 else 0)
             # Reset = time until the window is fully replenished: 60 s when this very request just
             # entered the sliding minute, else when its newest entry leaves.
             reset = 60.0 if entered else c.reset_at - now
