@@ -118,12 +118,13 @@ def chromium(tmp_path):
         pytest.skip("chromium is not installed (apt-get install chromium); required under CI")
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
+    log_file = open(tmp_path / "chromium.log", "wb")
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
          "--remote-debugging-address=127.0.0.1", "about:blank"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "chromium.log", "wb"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
         start_new_session=True,
     )
     try:
@@ -143,6 +144,7 @@ def chromium(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        log_file.close()
 
 
 async def _run_in_page(ws_url: str, page_url: str, expression: str, timeout: float = 60) -> dict:
