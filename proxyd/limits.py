@@ -527,9 +527,15 @@ class Limiter:
         """The refusal for limit ``c``. ``need`` is what the request needs of it, in the limit's unit
         (requests, tokens or nano-USD): more than the whole limit means it can never fit (not
         retryable, and the client is told what to change); otherwise it fits once usage frees up.
-        The error carries every check made (``checks``), for the x-ratelimit-* headers of the 429."""
+        The error carries every check made (``checks``), for the x-ratelimit-* headers of the 429.
+
+        A day, month or total limit is named in proxyd's own x-proxyd-limit-* headers, never in
+        x-ratelimit-*: OpenAI's headers describe per-minute windows, and pacing tools read them so
+        (a daily quota shown there reads as "100 tokens a minute, wait 2h34m")."""
         err = self._refusal_error(c, window, now, need, user_id, default_budget)
         err.checks = checks
+        if window not in SHORT_TERM:
+            err.headers.update(limit_headers(c, c.remaining))
         return err
 
     def _refusal_error(self, c: Check, window: str, now: float, need: int, user_id: str, default_budget: bool):
@@ -577,6 +583,30 @@ class Limiter:
         else:
             msg = f"Quota exceeded for {c.name}{where}: {used} of limit {shown(c.limit)}. This limit does not reset."
         return QuotaExceeded(msg, headers=headers)
+
+
+_RESET_TEXT: dict[float, str] = {}  # period end -> its ISO text; a handful of distinct values a month
+
+
+def limit_headers(c: Check, remaining: int) -> dict[str, str]:
+    """proxyd's headers naming a long-term (day, month, total) limit: which one, its quota and what is
+    left in the limit's unit (USD as a decimal string for ``*_usd``), and when its period resets, as an
+    absolute UTC time (ISO 8601): periods end at fixed calendar instants, so the value is exact, the
+    same on every response of the period and does not go stale in a log or a cache; the relative wait
+    is the refusal's Retry-After. A total limit never resets: no reset header."""
+    shown = usd_str if c.name.endswith("_usd") else str
+    headers = {"x-proxyd-limit": c.name, "x-proxyd-limit-quota": shown(c.limit),
+               "x-proxyd-limit-remaining": shown(remaining if remaining > 0 else 0)}
+    if c.scope != "*":
+        headers["x-proxyd-limit-model"] = c.scope
+    if c.reset_at is not None:
+        text = _RESET_TEXT.get(c.reset_at)
+        if text is None:
+            if len(_RESET_TEXT) > 16:
+                _RESET_TEXT.clear()
+            text = _RESET_TEXT[c.reset_at] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.reset_at))
+        headers["x-proxyd-limit-reset"] = text
+    return headers
 
 
 def _cost(prompt_tokens: int, completion_tokens: int, price: tuple[int, int]) -> int:

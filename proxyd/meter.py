@@ -27,7 +27,8 @@ from typing import Any
 
 from .accounts import Caller, User
 from .errors import QuotaExceeded, RateLimited
-from .limits import Hold, Limiter, Limits, SlidingMinute, cost_nusd, day_key, go_duration, merge, month_key, usd_str
+from .limits import (Hold, Limiter, Limits, SlidingMinute, cost_nusd, day_key, go_duration, limit_headers, merge,
+                     month_key, usd_str)
 from .pricing import PriceTable
 from .store import Additive, Store, Upsert
 
@@ -52,7 +53,7 @@ class Ticket:
     stream: bool
     hold: Hold
     started: float  # perf_counter, for latency
-    headers: dict[str, str]  # x-ratelimit-* for the response
+    headers: dict[str, str]  # x-ratelimit-* and x-proxyd-limit-* for the response
 
     @property
     def prompt_tokens(self) -> int:
@@ -148,10 +149,13 @@ class Meter:
             )
         except (RateLimited, QuotaExceeded) as refusal:
             # OpenAI sends its x-ratelimit-* headers on a 429 too: the state that refused, nothing added.
-            for name, value in _rate_headers(refusal.checks, 0, 0, self.limiter.clock(), entered=False).items():
+            # A long-term limit that refused is already named (limits.limit_headers): it stays the one named.
+            named = "x-proxyd-limit" in refusal.headers
+            for name, value in _rate_headers(refusal.checks, (0, 0, 0), self.limiter.clock(), entered=False,
+                                             long_term=not named).items():
                 refusal.headers.setdefault(name, value)
             raise
-        headers = _rate_headers(hold.checks, 1, hold.tokens, hold.admitted_at, entered=True)
+        headers = _rate_headers(hold.checks, (1, hold.tokens, hold.cost_nusd), hold.admitted_at, entered=True)
         ticket = Ticket(request_id, caller, model, endpoint, stream, hold, time.perf_counter(), headers)
         if self.pending_row_after_s > 0:
             self._awaiting_row[request_id] = ticket
@@ -280,29 +284,44 @@ class Meter:
         return out
 
 
-def _rate_headers(checks: list, requests: int, tokens: int, now: float, *, entered: bool) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the tightest request and token limits, after this admission
-    (``requests``/``tokens`` it added; both 0 for a refusal).
+def _rate_headers(checks: list, amounts: tuple[int, int, int], now: float, *, entered: bool,
+                  long_term: bool = True) -> dict[str, str]:
+    """The limit headers of a response, after this admission (``amounts``: the requests, tokens and
+    nano-USD it added; all 0 for a refusal). Computed from the checks the admission itself made (no
+    second pass over the windows), in one loop.
 
-    Computed from the checks the admission itself made (no second pass over the windows).
+    - OpenAI's x-ratelimit-* describe the tightest *per-minute* request and token limits only: that is
+      what they mean at OpenAI, and clients pace themselves by them (the openai SDK's users, LiteLLM,
+      rate-limit middlewares). A user with no per-minute limit gets none, as OpenAI has no such user.
+    - proxyd's x-proxyd-limit-* name the long-term (day, month, total) limit closest to running out,
+      as the fraction of its quota left (requests, tokens and cost are not comparable otherwise);
+      ``long_term=False`` when a refusal already named the long-term limit that refused.
     """
     headers: dict[str, str] = {}
-    for metric, suffix, amount in ((0, "requests", requests), (1, "tokens", tokens)):
-        best, best_left, best_window = None, 0, ""
-        for c, m, window in checks:
-            if m != metric or window == "concurrent":
-                continue
-            left = max(0, c.remaining - amount)
-            if best is None or left < best_left:
-                best, best_left, best_window = c, left, window
+    minute: list = [None, None]  # per metric (requests, tokens): (left, check)
+    tight = None  # (fraction left, left, check)
+    for c, metric, window in checks:
+        left = c.limit - c.used - c.reserved - amounts[metric]  # inline, not c.remaining: per request, per limit
+        if window == "minute":
+            best = minute[metric]
+            if best is None or left < best[0]:
+                minute[metric] = (left, c)
+        elif long_term and window != "concurrent":
+            fraction = left / c.limit if c.limit else 0.0
+            if tight is None or fraction < tight[0]:
+                tight = (fraction, left, c)
+    for metric, suffix in ((0, "requests"), (1, "tokens")):
+        best = minute[metric]
         if best is not None:
-            headers[f"x-ratelimit-limit-{suffix}"] = str(best.limit)
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(best_left)
-            # Reset = time until the window is fully replenished; for the sliding minute that is 60 s
-            # when this very request just entered it.
-            reset = 60.0 if entered and best_window == "minute" else (best.reset_at - now if best.reset_at else None)
-            if reset is not None:
-                headers[f"x-ratelimit-reset-{suffix}"] = go_duration(max(0.0, reset))
+            left, c = best
+            headers[f"x-ratelimit-limit-{suffix}"] = str(c.limit)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(left if left > 0 else 0)
+            # Reset = time until the window is fully replenished: 60 s when this very request just
+            # entered the sliding minute, else when its newest entry leaves.
+            reset = 60.0 if entered else c.reset_at - now
+            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(max(0.0, reset))
+    if tight is not None:
+        headers.update(limit_headers(tight[2], tight[1]))
     return headers
 
 

@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -34,6 +35,24 @@ from ..errors import (
 )
 
 log = logging.getLogger("proxyd.http")
+
+# CORS (on for the origins in server.cors_origins). A browser hides every response header but a few
+# safelisted ones (Content-Type, ...) from the page's script unless the response lists it here: what a
+# client needs to pace itself and to report a request (the openai SDK reads x-request-id, retry-after,
+# retry-after-ms and x-should-retry; pacing code reads x-ratelimit-*), and proxyd's own headers.
+EXPOSED_HEADERS = ", ".join((
+    "x-request-id",
+    "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens",
+    "retry-after", "retry-after-ms", "x-should-retry",
+    "x-proxyd-limit", "x-proxyd-limit-model", "x-proxyd-limit-quota", "x-proxyd-limit-remaining",
+    "x-proxyd-limit-reset",
+    "x-proxyd-max-tokens", "x-proxyd-max-tokens-reason",
+))
+# A header name (RFC 9110 token), for Access-Control-Request-Headers; and a bound on what is echoed.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_MAX_REQUEST_HEADERS = 4096
 
 
 def new_request_id() -> str:
@@ -60,6 +79,13 @@ class ClientGone(Exception):
 class BaseHandler(tornado.web.RequestHandler):
     def initialize(self, ctx) -> None:  # ctx: proxyd.server.Context, given by the route table
         self.ctx = ctx
+        origin = self.request.headers.get("Origin")
+        # CORS is off unless server.cors_origins lists the origin (or "*"). Decided once, here (also for
+        # NotFoundHandler), and re-applied by set_default_headers: Tornado's send_error clears every
+        # header, and without them a browser hides an error's status and body from the page.
+        self._cors_origin = origin if origin and ctx.cors_allows(origin) else None
+        if self._cors_origin:
+            self._set_cors_headers()
         self.caller = None
         self._body_parts: list[bytes] = []
         self._body_size = 0
@@ -73,6 +99,34 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.set_header("x-request-id", self.request_id)
         self.clear_header("Server")
+        if getattr(self, "_cors_origin", None):  # unset in the first call, from __init__
+            self._set_cors_headers()
+
+    def _set_cors_headers(self) -> None:
+        self.set_header("Access-Control-Allow-Origin", self._cors_origin)
+        self.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
+        self.set_header("Vary", "Origin")
+
+    def _answer_preflight(self) -> None:
+        """A CORS preflight: which methods and request headers the real request may use.
+
+        The requested headers are echoed back once each is a valid header name: the openai SDK sends a
+        family of X-Stainless-* headers that grows between versions (and OpenAI-Organization,
+        OpenAI-Project, Idempotency-Key, User-Agent...), and CORS has no prefix wildcard ("X-Stainless-*"
+        matches nothing; a bare "*" would not cover Authorization). Echoing allows nothing a listed
+        origin could not send anyway: authentication is the bearer key, never a cookie (no
+        Allow-Credentials). Anything else (not a token, or oversized) gets no Allow-Headers, so the
+        browser refuses the request."""
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
+        asked = self.request.headers.get("Access-Control-Request-Headers")
+        if asked and len(asked) <= _MAX_REQUEST_HEADERS:
+            names = [name.strip() for name in asked.split(",")]
+            if all(_HEADER_NAME.fullmatch(name) for name in names):
+                self.set_header("Access-Control-Allow-Headers", ", ".join(names))
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_header("Vary", "Origin, Access-Control-Request-Method, Access-Control-Request-Headers")
+        self.set_status(204)
+        raise tornado.web.Finish()
 
     # -- body --------------------------------------------------------------------------------------
 
@@ -80,17 +134,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self.ctx.in_flight += 1
         self._counted = True
         self._key_slot: str | None = None
-        origin = self.request.headers.get("Origin")
-        if origin and self.ctx.cors_allows(origin):
-            # CORS is off unless server.cors_origins lists the origin (or "*").
-            self.set_header("Access-Control-Allow-Origin", origin)
-            self.set_header("Vary", "Origin")
-            if self.request.method == "OPTIONS":
-                self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
-                self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, OpenAI-Beta, X-Stainless-*")
-                self.set_header("Access-Control-Max-Age", "600")
-                self.set_status(204)
-                raise tornado.web.Finish()
+        if self._cors_origin and self.request.method == "OPTIONS":
+            self._answer_preflight()
         if self.ctx.shutting_down:
             self.set_header("Connection", "close")
             raise ServiceUnavailable("proxyd is shutting down; retry on another instance or in a moment.")
