@@ -158,3 +158,23 @@ def test_huge_upstream_answer_is_502_and_voided(make_world):
     assert world.rows("SELECT status FROM requests") == [("voided",)]
     world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)  # still serving
     assert "proxyd_upstream_first_byte_seconds_bucket" in httpx.get(world.url + "/metrics").text
+
+
+def test_a_ledger_in_a_missing_directory_or_a_taken_port_is_one_clear_line(tmp_path):
+    import socket
+
+    env = {**os.environ, "PROXYD_UPSTREAM": "http://127.0.0.1:9", "PROXYD_CONFIG": ""}
+    missing = tmp_path / "no" / "such" / "dir" / "ledger.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for db, needle in ((missing, f"cannot open the ledger at {missing}"),
+                           (tmp_path / "ok.db", f"cannot listen on 127.0.0.1:{port}")):
+            out = subprocess.run([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30, env={**env, "PROXYD_DB": str(db)})
+            lines = out.stderr.strip().splitlines()
+            problem = [line for line in lines if line.startswith("proxyd: ")]
+            assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+            assert len(problem) == 1 and needle in problem[0] and problem[0] == lines[-1], out.stderr
+    assert not missing.parent.exists()
