@@ -89,7 +89,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin.port", int, None, "Serve the admin API on its own port instead of the main one.", optional=True),
     # -- metering --------------------------------------------------------------------------------
     Setting("limits", dict, {}, "limits.default, limits.models.<model>, limits.users.<user_id> (see README)."),
-    Setting("pricing", dict, {}, "Per model: input_per_million_usd, output_per_million_usd."),
+    Setting("pricing", dict, {}, "Per model (and default): input_per_million_usd and output_per_million_usd, both required."),
     Setting(
         "models",
         dict,
