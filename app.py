@@ -115,7 +115,7 @@ async def serve(config, *, demo: bool = False) -> int:
     log.info("client connections capped at %d (server.max_connections %d, open files %s)",
              cap, config["server.max_connections"], open_files)
     listening = [(ProxydHTTPServer(main_app, max_connections=cap, **server_kw),
-                  config["server.port"], config["server.address"], "server.port")]
+                  config["server.port"], config["server.address"], "server.port, PROXYD_PORT or --port")]
     if separate_admin:
         admin_cap = connection_cap(ADMIN_MAX_CONNECTIONS, open_files)
         listening.append((ProxydHTTPServer(make_app(ctx, api=False), max_connections=admin_cap, **server_kw),
@@ -128,7 +128,7 @@ async def serve(config, *, demo: bool = False) -> int:
                 s.stop()
             await _close_after_failed_start(ctx, emulator_server)
             raise StartupError(f"cannot listen on {address}:{port}: {exc.strerror or exc} "
-                               f"(another process there? set {key} or --port)") from None
+                               f"(another process there? set {key})") from None
         servers.append(server)
     if separate_admin:
         log.info("admin API on http://%s:%d", config["admin.address"] or "127.0.0.1", config["admin.port"])
