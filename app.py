@@ -20,9 +20,8 @@ import sqlite3
 import sys
 from urllib.parse import quote
 
-from tornado.httpserver import HTTPServer
-
 from proxyd.config import ConfigError, describe, load_config
+from proxyd.connections import ADMIN_MAX_CONNECTIONS, ProxydHTTPServer, connection_cap, raise_open_file_limit
 from proxyd.server import build_context, check_structures, make_app
 
 log = logging.getLogger("proxyd")
@@ -59,8 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class StartupError(Exception):
+    """A start that cannot go on (ledger cannot be opened, port taken): one line on stderr, exit 1."""
+
+
 async def serve(config, *, demo: bool = False) -> int:
     loop = asyncio.get_running_loop()
+    _, open_files = raise_open_file_limit()
     emulator_server = None
     if demo:
         from proxyd.emulator import start_emulator
@@ -73,7 +77,14 @@ async def serve(config, *, demo: bool = False) -> int:
         # never land in the real ledger (where the keys would work in front of the real Ollama).
         config["database.path"] = os.path.join(os.path.dirname(config["database.path"]) or ".", "proxyd-demo.db")
 
-    ctx = build_context(config)
+    try:
+        ctx = build_context(config)
+    except (sqlite3.Error, OSError) as exc:
+        if emulator_server is not None:
+            emulator_server.stop()
+        path = config["database.path"]
+        raise StartupError(f"cannot open the ledger at {path}: {exc} (does its directory exist and is it writable? "
+                           "set database.path or PROXYD_DB)") from None
     ctx.demo = demo
     ctx.store.bind_loop(loop)
     # Load the tokenizers now (~0.2 s for the Llama 3 ranks), not in the first client's request.
@@ -95,14 +106,31 @@ async def serve(config, *, demo: bool = False) -> int:
         max_body_size=config["server.max_body_bytes"] * 2,
         body_timeout=config["server.body_timeout_s"],
         idle_connection_timeout=config["server.idle_connection_timeout_s"],
+        header_timeout_s=config["server.header_timeout_s"],
     )
-    main = HTTPServer(main_app, **server_kw)
-    main.listen(config["server.port"], address=config["server.address"])
-    servers.append(main)
-    if config["admin.port"] is not None:
-        admin_server = HTTPServer(make_app(ctx, api=False), **server_kw)
-        admin_server.listen(config["admin.port"], address=config["admin.address"] or "127.0.0.1")
-        servers.append(admin_server)
+    # The client connection cap fits the open-file limit (proxyd/connections.py): an idle flood must
+    # not take the descriptors that served requests, the ledger and the upstream need.
+    separate_admin = config["admin.port"] is not None
+    cap = connection_cap(config["server.max_connections"], open_files, ADMIN_MAX_CONNECTIONS if separate_admin else 0)
+    log.info("client connections capped at %d (server.max_connections %d, open files %s)",
+             cap, config["server.max_connections"], open_files)
+    listening = [(ProxydHTTPServer(main_app, max_connections=cap, **server_kw),
+                  config["server.port"], config["server.address"], "server.port, PROXYD_PORT or --port")]
+    if separate_admin:
+        admin_cap = connection_cap(ADMIN_MAX_CONNECTIONS, open_files)
+        listening.append((ProxydHTTPServer(make_app(ctx, api=False), max_connections=admin_cap, **server_kw),
+                          config["admin.port"], config["admin.address"] or "127.0.0.1", "admin.port"))
+    for server, port, address, key in listening:
+        try:
+            server.listen(port, address=address)
+        except OSError as exc:
+            for s in servers:
+                s.stop()
+            await _close_after_failed_start(ctx, emulator_server)
+            raise StartupError(f"cannot listen on {address}:{port}: {exc.strerror or exc} "
+                               f"(another process there? set {key})") from None
+        servers.append(server)
+    if separate_admin:
         log.info("admin API on http://%s:%d", config["admin.address"] or "127.0.0.1", config["admin.port"])
 
     log.info("proxyd listening on http://%s:%d, upstream %s, ledger %s",
@@ -156,6 +184,15 @@ async def serve(config, *, demo: bool = False) -> int:
     return 0
 
 
+async def _close_after_failed_start(ctx, emulator_server) -> None:
+    await ctx.upstream.close()
+    await ctx.images.close()
+    await ctx.store.close()
+    ctx.tokens.close()
+    if emulator_server is not None:
+        emulator_server.stop()
+
+
 def check_ledger(config) -> int:
     from proxyd.reports import consistency
 
@@ -188,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(config["logging.level"].upper())
     if args.check_ledger:
         return check_ledger(config)
-    return asyncio.run(serve(config, demo=args.demo))
+    try:
+        return asyncio.run(serve(config, demo=args.demo))
+    except StartupError as exc:
+        print(f"proxyd: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1037,7 +1037,7 @@ class Bench:
         deadline = time.monotonic() + timeout
         doc: Any = None
         while time.monotonic() < deadline:
-            _, doc = http("GET", st.url("proxy") + "/healthz")
+            _, doc = http("GET", st.url("proxy") + "/healthz", token=ADMIN_TOKEN)  # the queues are for admins
             if isinstance(doc, dict) and not doc.get("reservations_in_flight") and not doc.get("ledger_queue_depth"):
                 break
             time.sleep(0.2)

@@ -39,6 +39,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.body_timeout_s", float, 60.0, "Time a client may take to send its request body."),
     Setting("server.idle_connection_timeout_s", float, 120.0, "Close client connections idle this long."),
     Setting("server.max_connections_per_key", int, 256, "Concurrent requests one API key may hold open."),
+    Setting(
+        "server.max_connections",
+        int,
+        4096,
+        "Client connections open at once; lowered at start to fit the open-file limit. At the cap the "
+        "longest-idle connection is closed to make room, or the new one if all are in requests.",
+    ),
+    Setting(
+        "server.header_timeout_s",
+        float,
+        10.0,
+        "Close a new connection that sends no complete request head within this time.",
+    ),
     Setting("server.shutdown_grace_s", float, 30.0, "On SIGTERM, how long in-flight requests may finish."),
     Setting("server.cors_origins", list, [], "Origins allowed by CORS; empty = CORS off."),
     # -- upstream (Ollama) -------------------------------------------------------------------
@@ -76,7 +89,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin.port", int, None, "Serve the admin API on its own port instead of the main one.", optional=True),
     # -- metering --------------------------------------------------------------------------------
     Setting("limits", dict, {}, "limits.default, limits.models.<model>, limits.users.<user_id> (see README)."),
-    Setting("pricing", dict, {}, "Per model: input_per_million_usd, output_per_million_usd."),
+    Setting("pricing", dict, {}, "Per model (and default): input_per_million_usd and output_per_million_usd, both required."),
     Setting(
         "models",
         dict,
@@ -203,6 +216,10 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         values[key] = _check_type(BY_KEY[key], value)
     if values["database.synchronous"].upper() not in ("NORMAL", "FULL"):
         raise ConfigError("config: 'database.synchronous' must be NORMAL or FULL")
+    if values["server.max_connections"] < 1:
+        raise ConfigError("config: 'server.max_connections' must be at least 1")
+    if values["server.header_timeout_s"] <= 0:
+        raise ConfigError("config: 'server.header_timeout_s' must be > 0")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     if str(values["logging.level"]).upper() not in levels:
         raise ConfigError(f"config: 'logging.level' must be one of {', '.join(levels)}")

@@ -191,7 +191,7 @@ class Meter:
     async def settle(self, ticket: Ticket, usage: Usage, *, http_status: int = 200) -> None:
         """Posts actual usage; returns once the ledger row and the daily aggregate are committed."""
         self._stop_waiting_for_row(ticket)
-        in_price, out_price = self.prices.price(ticket.model)
+        in_price, out_price = self.prices.settle_price(ticket.model)
         cost = cost_nusd(usage.prompt_tokens, usage.completion_tokens, (in_price, out_price))
         self.limiter.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
         if self.metrics:

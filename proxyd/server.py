@@ -121,6 +121,8 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
 
     config_limits = parse_config_limits(config["limits"])
     prices = PriceTable(config["pricing"])
+    for warning in prices.check_start([*config["models"], *config_limits["models"]]):
+        log.warning("%s", warning)
     store = Store(config["database.path"], synchronous=config["database.synchronous"], batch_max=config["database.batch_max"])
     expired = store.open()
     if expired:
@@ -170,17 +172,23 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
 
 
 class HealthHandler(BaseHandler):
+    """200 when the upstream answers, 503 (same JSON body) when it does not: probes that read only the
+    status code notice. Anonymous callers get the status and the reachable flag; the upstream's address,
+    its error text, the queues and the warnings (models billed at 0) need the admin token. A wrong token
+    is a 401, not a smaller answer, so a misconfigured probe is noticed too."""
+
     async def get(self) -> None:
+        admin = "Authorization" in self.request.headers
+        if admin:
+            self.authenticate_admin()
         ok, detail = await self.ctx.upstream.health()
-        self.send_json(
-            {
-                "status": "ok" if ok else "degraded",
-                "upstream": {"url": self.ctx.upstream.base_url, "kind": "emulator" if self.ctx.demo else "ollama",
-                             "reachable": ok, "detail": detail},
-                "reservations_in_flight": self.ctx.meter.limiter.pending,
-                "ledger_queue_depth": self.ctx.store.queue_depth,
-            }
-        )
+        upstream: dict[str, Any] = {"reachable": ok}
+        body: dict[str, Any] = {"status": "ok" if ok else "degraded", "upstream": upstream}
+        if admin:
+            upstream.update(url=self.ctx.upstream.base_url, kind="emulator" if self.ctx.demo else "ollama", detail=detail)
+            body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
+                        ledger_queue_depth=self.ctx.store.queue_depth, warnings=self.ctx.meter.prices.warnings())
+        self.send_json(body, 200 if ok else 503)
 
 
 class OpenAPIHandler(BaseHandler):

@@ -715,14 +715,15 @@ def test_untagged_config_keys_cover_a_family_and_tagged_keys_one_model():
     from proxyd.modelname import canonical, canonical_keys
     from proxyd.pricing import PriceTable
 
-    prices = PriceTable({"llama3.2:latest": {"input_per_million_usd": 5}, "MoonDream": {"input_per_million_usd": 7},
-                         "default": {"input_per_million_usd": 1}})
+    prices = PriceTable({"llama3.2:latest": {"input_per_million_usd": 5, "output_per_million_usd": 0},
+                         "MoonDream": {"input_per_million_usd": 7, "output_per_million_usd": 0},
+                         "default": {"input_per_million_usd": 1, "output_per_million_usd": 0}})
     assert prices.price(canonical("llama3.2")) == (5 * 10**9, 0)  # llama3.2:latest exactly
     assert prices.price(canonical("llama3.2:1b")) == (1 * 10**9, 0)  # another tag: not that key's
     assert prices.price(canonical("moondream:latest")) == (7 * 10**9, 0)  # the family key covers every tag
     assert canonical("hf.co/Org/Model:Q4") == "hf.co/org/model:q4" and canonical("localhost:5000/m") == "localhost:5000/m:latest"
     with pytest.raises(ConfigError, match="as 'default'"):
-        PriceTable({"Default": {"input_per_million_usd": 1}})
+        PriceTable({"Default": {"input_per_million_usd": 1, "output_per_million_usd": 1}})
     # Overrides stored before names were folded must not stop a restart: the later key applies.
     assert canonical_keys({"a": 1, "A": 2}, "stored", keep_last=True) == {"a": 2}
 

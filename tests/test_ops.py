@@ -1,8 +1,9 @@
 """Configuration, timeouts, observability, CORS and per-key caps (issues #2, #6)."""
 
+import os
+import socket
 import subprocess
 import sys
-import os
 
 import httpx
 import openai
@@ -19,6 +20,9 @@ def test_config_rejects_unknown_keys_and_wrong_types(tmp_path):
     for text, needle in (("upstream:\n  urll: x\n", "upstream.urll"), ("server:\n  port: eighty\n", "server.port"),
                          ("limits:\n  default:\n    requests_per_hour: 5\n", "requests_per_hour"),
                          ("pricing:\n  m: {input_per_million_usd: -1}\n", "pricing.m"),
+                         # a price left out is not a price of 0: output would be billed as free
+                         ("pricing:\n  m: {input_per_million_usd: 1}\n", "'pricing.m' has no 'output_per_million_usd'"),
+                         ("pricing:\n  default: {output_per_million_usd: 1}\n", "'pricing.default' has no 'input_per_million_usd'"),
                          ("logging:\n  level: LOUD\n", "logging.level"),
                          ("pricing:\n  moondream: {}\n  MoonDream: {}\n", "names the same model"),
                          ("limits:\n  models:\n    a: {}\n    A: {}\n", "names the same model")):
@@ -158,3 +162,88 @@ def test_huge_upstream_answer_is_502_and_voided(make_world):
     assert world.rows("SELECT status FROM requests") == [("voided",)]
     world.client(key).chat.completions.create(model="llama3.2:1b", messages=MSG)  # still serving
     assert "proxyd_upstream_first_byte_seconds_bucket" in httpx.get(world.url + "/metrics").text
+
+
+def test_a_ledger_in_a_missing_directory_or_a_taken_port_is_one_clear_line(tmp_path):
+    import socket
+
+    env = {**os.environ, "PROXYD_UPSTREAM": "http://127.0.0.1:9", "PROXYD_CONFIG": ""}
+    missing = tmp_path / "no" / "such" / "dir" / "ledger.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for db, needle in ((missing, f"cannot open the ledger at {missing}"),
+                           (tmp_path / "ok.db", f"cannot listen on 127.0.0.1:{port}")):
+            out = subprocess.run([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=30, env={**env, "PROXYD_DB": str(db)})
+            lines = out.stderr.strip().splitlines()
+            problem = [line for line in lines if line.startswith("proxyd: ")]
+            assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+            assert len(problem) == 1 and needle in problem[0] and problem[0] == lines[-1], out.stderr
+    assert not missing.parent.exists()
+
+
+def test_healthz_is_503_when_degraded_and_shows_internals_only_to_the_admin(tmp_path, world):
+    from tests.harness import ADMIN_TOKEN, Harness
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    down = Harness(str(tmp_path / "down.db"), upstream_url=dead).start()
+    try:
+        r = httpx.get(down.url + "/healthz")
+        # Probes read the status code; anyone may ask, but the upstream's address and error are not theirs.
+        assert r.status_code == 503 and r.json() == {"status": "degraded", "upstream": {"reachable": False}}, r.text
+        assert dead.split("//")[1] not in r.text and "refused" not in r.text.lower()
+        r = httpx.get(down.url + "/healthz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        doc = r.json()
+        assert r.status_code == 503 and doc["status"] == "degraded" and doc["upstream"]["url"] == dead, doc
+        assert doc["upstream"]["reachable"] is False and doc["upstream"]["detail"] and doc["upstream"]["kind"] == "ollama"
+        assert doc["reservations_in_flight"] == 0 and doc["ledger_queue_depth"] == 0
+        r = httpx.get(down.url + "/healthz", headers={"Authorization": "Bearer not-the-token"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    finally:
+        down.close()
+    r = httpx.get(world.url + "/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "upstream": {"reachable": True}}, r.text
+
+
+def test_a_model_billed_at_0_for_want_of_a_price_is_said_at_start_in_the_log_and_on_healthz(make_world, caplog):
+    import logging
+
+    from tests.harness import ADMIN_TOKEN
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    priced = {"llama3.2:1b": {"input_per_million_usd": 1, "output_per_million_usd": 2}}
+    with caplog.at_level(logging.WARNING, logger="proxyd"):
+        world = make_world(config={"pricing": priced})
+    assert any("pricing has no 'default' entry" in r.getMessage() and "moondream" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    key = world.new_user("alice")
+    c = world.client(key)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=3)
+    with caplog.at_level(logging.WARNING, logger="proxyd"):
+        for _ in range(2):
+            c.chat.completions.create(model="moondream", messages=MSG, max_tokens=3)
+    world.settle_all()
+    said = [r.getMessage() for r in caplog.records if "moondream:latest has no price" in r.getMessage()]
+    assert len(said) == 1, said  # once, not per request
+    warnings = httpx.get(world.url + "/healthz", headers=admin).json()["warnings"]
+    assert warnings[0].startswith("pricing has no 'default' entry")
+    assert warnings[1:] == ["model moondream:latest was billed at 0: no pricing entry covers it"], warnings
+    assert "warnings" not in httpx.get(world.url + "/healthz").json()
+    assert world.rows("SELECT model, cost_nusd > 0 FROM requests ORDER BY model") == [
+        ("llama3.2:1b", 1), ("moondream:latest", 0), ("moondream:latest", 0)]
+    # A default price, or explicit prices of 0, leave nothing to warn about.
+    world = make_world(config={"pricing": {**priced, "moondream": {"input_per_million_usd": 0, "output_per_million_usd": 0},
+                                           "default": {"input_per_million_usd": 1, "output_per_million_usd": 1}}})
+    world.client(world.new_user("bob")).chat.completions.create(model="moondream", messages=MSG, max_tokens=3)
+    world.settle_all()
+    assert httpx.get(world.url + "/healthz", headers=admin).json()["warnings"] == []
+    # No pricing at all (the tests' and a bare demo's config): one warning, not one per model.
+    world = make_world()
+    world.client(world.new_user("carol")).chat.completions.create(model="moondream", messages=MSG, max_tokens=3)
+    world.settle_all()
+    assert [w.split(":")[0] for w in httpx.get(world.url + "/healthz", headers=admin).json()["warnings"]] == [
+        "pricing is empty"]

@@ -192,7 +192,8 @@ def test_demo_mode_serves_the_readme_snippet_from_a_ledger_of_its_own(tmp_path):
         assert r.choices[0].message.content and r.usage.total_tokens > 0
         assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model="llama3.2:1b", stream=True, messages=[{"role": "user", "content": "Tell me a story"}]))
-        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+        admin = text.split("Admin token for this run: ")[1].split()[0]
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5, headers={"Authorization": f"Bearer {admin}"}).json()
         assert health["upstream"]["kind"] == "emulator" and health["status"] == "ok", health
     finally:
         proc.send_signal(signal.SIGTERM)
