@@ -118,6 +118,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("images.max_redirects", int, 3, "Redirects followed (each target checked again)."),
     Setting("images.max_dimension", int, 1024, "Downscale larger images before forwarding; 0 = never."),
     Setting("images.max_images", int, 8, "Images allowed in one request."),
+    Setting("images.max_pixels", int, 40_000_000, "Largest image in pixels (width x height, from its header)."),
+    Setting(
+        "images.max_pixels_per_request",
+        int,
+        64_000_000,
+        "Pixels decoded for all of a request's images together (a JPEG being downscaled decodes at 1/2-1/8 "
+        "scale and counts so); checked from the headers before any image is decoded.",
+    ),
+    Setting(
+        "images.decode_memory_bytes",
+        int,
+        256 * MIB,
+        "Memory image decoding may use at once in the process (estimated per image from its header); "
+        "decodes wait their turn, and an image that alone needs more is refused.",
+    ),
     # -- observability ------------------------------------------------------------------------------
     Setting("metrics.enabled", bool, True, "Serve Prometheus metrics at /metrics."),
     Setting("metrics.per_user_labels", bool, False, "Label token metrics by user (cardinality!)."),

@@ -164,6 +164,9 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
         max_redirects=img["max_redirects"],
         max_dimension=img["max_dimension"],
         max_images=img["max_images"],
+        max_pixels=img["max_pixels"],
+        max_pixels_per_request=img["max_pixels_per_request"],
+        decode_memory_bytes=img["decode_memory_bytes"],
     )
     images = ImageInliner(policy, resolver=image_resolver)
     return Context(config, store, accounts, meter, tokens, upstream, images, metrics)
