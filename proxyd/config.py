@@ -9,6 +9,7 @@ own modules validate (``limits.parse_limits``, ``pricing.PriceTable``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -133,6 +134,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Memory image decoding may use at once in the process (estimated per image from its header); "
         "decodes wait their turn, and an image that alone needs more is refused.",
     ),
+    Setting(
+        "images.deny_networks",
+        list,
+        [],
+        "CIDRs image URLs may never reach, even with allow_private_networks (e.g. 169.254.169.254/32). "
+        "The upstream's own address and port are always refused.",
+    ),
     # -- observability ------------------------------------------------------------------------------
     Setting("metrics.enabled", bool, True, "Serve Prometheus metrics at /metrics."),
     Setting("metrics.per_user_labels", bool, False, "Label token metrics by user (cardinality!)."),
@@ -191,6 +199,18 @@ def _check_type(setting: Setting, value: Any) -> Any:
     return value
 
 
+def _check_networks(key: str, networks: list) -> None:
+    for net in networks:
+        try:
+            if not isinstance(net, str):  # ip_network(10) would quietly mean 0.0.0.10/32
+                raise TypeError(net)
+            ipaddress.ip_network(net, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"config: '{key}' has {net!r}, which is not a network (write CIDRs such as 169.254.0.0/16 or fd00::/8)"
+            ) from None
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, env: dict | None = None) -> Config:
     """Defaults <- YAML file <- environment <- explicit overrides (tests, command line)."""
     env = os.environ if env is None else env
@@ -218,6 +238,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         values[key] = _check_type(BY_KEY[key], value)
     if values["database.synchronous"].upper() not in ("NORMAL", "FULL"):
         raise ConfigError("config: 'database.synchronous' must be NORMAL or FULL")
+    _check_networks("images.deny_networks", values["images.deny_networks"])
     levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     if str(values["logging.level"]).upper() not in levels:
         raise ConfigError(f"config: 'logging.level' must be one of {', '.join(levels)}")

@@ -113,6 +113,7 @@ class ImagePolicy:
     decode_memory_bytes: int = 256 * 1024 * 1024  # estimated decoding memory in use at once, process-wide
     decode_wait_s: float = 30.0  # longest wait for decoding room before a retryable 503
     deny_networks: tuple[str, ...] = ()  # CIDRs refused always, even with allow_private_networks
+    deny_endpoints: tuple[tuple[str, int], ...] = ()  # (address, port) refused always: the upstream itself
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,12 +184,13 @@ def _builtin_reason(ip: IPAddress) -> str | None:
     return None
 
 
-def refusal_reason(address: str | IPAddress, policy: ImagePolicy) -> str | None:
-    """Why proxyd must not connect to ``address`` under ``policy``; None when it may.
+def refusal_reason(address: str | IPAddress, policy: ImagePolicy, port: int | None = None) -> str | None:
+    """Why proxyd must not connect to ``address`` (on ``port``) under ``policy``; None when it may.
 
     IPv4 embedded in IPv6 (IPv4-mapped, NAT64 64:ff9b::/96, 6to4 2002::/16) is unwrapped and judged by
     the IPv4 address, because Python 3.11's ``is_global`` is wrong for NAT64, 6to4 and 224.0.0.1
-    (anchors D.2). Operator ``deny_networks`` apply last and always, even with allow_private_networks.
+    (anchors D.2). Operator ``deny_networks`` and the upstream's own endpoint apply last and always,
+    even with allow_private_networks.
     """
     ip = address if isinstance(address, IPAddress) else ipaddress.ip_address(address)
     embedded = _embedded_ipv4(ip)
@@ -208,7 +210,39 @@ def refusal_reason(address: str | IPAddress, policy: ImagePolicy) -> str | None:
             for candidate in candidates:
                 if candidate.version == net.version and candidate in net:
                     return f"denied by configuration (deny_networks {net})"
+    if policy.deny_endpoints and port is not None:
+        endpoints = _parse_endpoints(policy.deny_endpoints)
+        if (ip, port) in endpoints or (embedded is not None and (embedded[1], port) in endpoints):
+            return "the upstream model server's own address"
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_endpoints(endpoints: tuple[tuple[str, int], ...]) -> frozenset[tuple[IPAddress, int]]:
+    return frozenset((ipaddress.ip_address(host), port) for host, port in endpoints)
+
+
+def upstream_endpoints(url: str) -> tuple[tuple[str, int], ...]:
+    """The (address, port) pairs the upstream URL reaches, looked up once at start, for deny_endpoints.
+
+    With allow_private_networks on (Ollama usually being on loopback or the LAN), an image URL could
+    otherwise point at Ollama itself. Only its port is refused, not its whole address, so local image
+    servers beside it stay reachable for testing.
+    """
+    parsed = yarl.URL(url)
+    host, port = parsed.host, parsed.port
+    if not host or port is None:
+        return ()
+    literal = literal_ip(host)
+    if literal is not None:
+        return ((str(literal), port),)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        log.warning("images: cannot resolve the upstream %s (%s); image URLs to it are not refused by address",
+                    host, exc)
+        return ()
+    return tuple(dict.fromkeys((str(ipaddress.ip_address(info[4][0])), port) for info in infos))
 
 
 def literal_ip(host: str) -> IPAddress | None:
@@ -259,7 +293,7 @@ async def resolve_checked(host: str, port: int, policy: ImagePolicy, resolver: R
         if not addresses:
             raise HostNotFound(f"could not resolve host {host} (no addresses)")
     for ip in addresses:
-        why = refusal_reason(ip, policy)
+        why = refusal_reason(ip, policy, port)
         if why is not None:
             if literal is not None:
                 shown = f"address {ip}" if str(ip) == host else f"address {host} (= {ip})"
@@ -631,6 +665,7 @@ class ImageInliner:
         # behind them on the loop's default executor.
         self._decoder = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="proxyd-decode")
         _parse_networks(policy.deny_networks)  # bad CIDRs fail at startup, not on the first request
+        _parse_endpoints(policy.deny_endpoints)
 
     async def inline(self, messages: list) -> int:
         """Validates every image part; replaces each http(s) URL and each non-Ollama format by a data
@@ -775,7 +810,7 @@ class ImageInliner:
             raise _Bad(f"{refuse}: port {port} is not allowed (allowed: {allowed})")
         ip = literal_ip(host)
         if ip is not None:
-            why = refusal_reason(ip, self.policy)
+            why = refusal_reason(ip, self.policy, port)
             shown = f"address {ip}" if str(ip) == host else f"address {host} (= {ip})"
             if why is not None:
                 raise _Bad(f"{refuse}: {shown} is {why}")

@@ -961,3 +961,51 @@ def test_bombs_in_concurrent_requests_keep_the_process_small(tmp_path):
             p.terminate()
             p.wait(15)
 
+
+# ---------------------------------------------------------------------------------------------
+# configurable deny_networks and the upstream's own endpoint (issue #12, item 16)
+
+
+def test_deny_endpoints_refuse_one_port_of_an_address():
+    policy = ImagePolicy(allow_private_networks=True, deny_endpoints=(("127.0.0.1", 11434), ("::1", 11434)))
+    assert refusal_reason("127.0.0.1", policy, 11434) == "the upstream model server's own address"
+    assert refusal_reason("::ffff:127.0.0.1", policy, 11434) == "the upstream model server's own address"
+    assert refusal_reason("::1", policy, 11434) is not None
+    assert refusal_reason("127.0.0.1", policy, 8080) is None
+    assert refusal_reason("127.0.0.2", policy, 11434) is None
+    err = refused("http://127.0.0.1:11434/api/tags", policy, no_dns)
+    assert "address 127.0.0.1 is the upstream model server's own address" in err.message
+
+    async def localhost(host, port):
+        return ["127.0.0.1"]
+
+    err = refused("http://ollama.test:11434/api/version", policy, localhost)
+    assert "ollama.test resolves to 127.0.0.1, which is the upstream model server's own address" in err.message
+
+
+def test_upstream_endpoints_are_what_the_upstream_url_reaches():
+    assert images.upstream_endpoints("http://127.0.0.1:11434") == (("127.0.0.1", 11434),)
+    assert images.upstream_endpoints("https://[::1]/ollama") == (("::1", 443),)
+    assert ("127.0.0.1", 11434) in images.upstream_endpoints("http://localhost:11434")
+
+
+@pytest.mark.parametrize("value", [["10.0.0.0/33"], ["not-a-cidr"], [10], ["169.254.169.254", None]])
+def test_a_bad_deny_network_stops_the_start_naming_the_key(value):
+    from proxyd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^config: 'images.deny_networks' has .* which is not a network"):
+        load_config(None, {"images.deny_networks": value}, env={})
+    assert load_config(None, {"images.deny_networks": ["169.254.169.254", "fd00::/8"]}, env={})
+
+
+def test_a_bad_deny_network_in_config_yaml_is_one_line_and_exit_2(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("images:\n  allow_private_networks: true\n  deny_networks: [169.254.0.0/16, 10.0.0.0/40]\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "app.py", "--config", str(cfg)], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "proxyd: config: 'images.deny_networks' has '10.0.0.0/40', which is not a network "
+        "(write CIDRs such as 169.254.0.0/16 or fd00::/8)"
+    ]
