@@ -9,6 +9,7 @@ own modules validate (``limits.parse_limits``, ``pricing.PriceTable``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("images.max_redirects", int, 3, "Redirects followed (each target checked again)."),
     Setting("images.max_dimension", int, 1024, "Downscale larger images before forwarding; 0 = never."),
     Setting("images.max_images", int, 8, "Images allowed in one request."),
+    Setting("images.max_pixels", int, 40_000_000, "Largest image in pixels (width x height, from its header)."),
+    Setting(
+        "images.max_pixels_per_request",
+        int,
+        64_000_000,
+        "Pixels decoded for all of a request's images together (a JPEG being downscaled decodes at 1/2-1/8 "
+        "scale and counts so); checked from the headers before any image is decoded.",
+    ),
+    Setting(
+        "images.decode_memory_bytes",
+        int,
+        256 * MIB,
+        "Memory image decoding may use at once in the process (estimated per image from its header); "
+        "decodes wait their turn, and an image that alone needs more is refused.",
+    ),
+    Setting(
+        "images.deny_networks",
+        list,
+        [],
+        "CIDRs image URLs may never reach, even with allow_private_networks (e.g. 169.254.169.254/32). "
+        "The upstream's own address and port are always refused.",
+    ),
     # -- observability ------------------------------------------------------------------------------
     Setting("metrics.enabled", bool, True, "Serve Prometheus metrics at /metrics."),
     Setting("metrics.per_user_labels", bool, False, "Label token metrics by user (cardinality!)."),
@@ -189,6 +212,18 @@ def _check_type(setting: Setting, value: Any) -> Any:
     return value
 
 
+def _check_networks(key: str, networks: list) -> None:
+    for net in networks:
+        try:
+            if not isinstance(net, str):  # ip_network(10) would quietly mean 0.0.0.10/32
+                raise TypeError(net)
+            ipaddress.ip_network(net, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"config: '{key}' has {net!r}, which is not a network (write CIDRs such as 169.254.0.0/16 or fd00::/8)"
+            ) from None
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, env: dict | None = None) -> Config:
     """Defaults <- YAML file <- environment <- explicit overrides (tests, command line)."""
     env = os.environ if env is None else env
@@ -220,6 +255,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         raise ConfigError("config: 'server.max_connections' must be at least 1")
     if values["server.header_timeout_s"] <= 0:
         raise ConfigError("config: 'server.header_timeout_s' must be > 0")
+
+    _check_networks("images.deny_networks", values["images.deny_networks"])
     levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     if str(values["logging.level"]).upper() not in levels:
         raise ConfigError(f"config: 'logging.level' must be one of {', '.join(levels)}")

@@ -11,6 +11,12 @@ http URL, so before a request is forwarded :class:`ImageInliner` rewrites every 
   checked address. Redirects are followed by hand and each hop is checked the same way. Then the bytes
   are treated like a data URL.
 
+Decoding is bounded three ways, because a few KiB of PNG can decode to 160 MB: each image by
+``max_pixels``; each request by ``max_pixels_per_request``, summed from the headers of all its images
+before any is decoded; and the process by :class:`DecodeBudget`, an estimate of the memory of the decodes
+in progress (see :func:`probe_image`), which decodes wait for. After a large decode, freed memory is
+handed back to the OS (glibc ``malloc_trim``).
+
 The fetcher is aiohttp rather than Tornado's ``SimpleAsyncHTTPClient``. aiohttp hands its resolver's
 answer straight to the connect call, and it keeps TLS SNI and certificate checks on the original
 hostname. Its streamed body (``iter_chunked``) lets us stop past the size cap without string-matching
@@ -26,7 +32,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
+import concurrent.futures
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import io
 import ipaddress
@@ -42,7 +52,7 @@ import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidRequest, PayloadTooLarge
+from .errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
 
 log = logging.getLogger("proxyd.images")
 
@@ -72,6 +82,17 @@ OLLAMA_PREFIXES = {
 THREAD_BYTES = 256 * 1024
 THREAD_PIXELS = 2_000_000
 
+# What decoding costs, for the decode budget (docs/DESIGN.md, "Decompression bombs add up", has the
+# measurements: VmHWM growth of a fresh process running normalize_image on 6300x6300 images of each kind).
+# Pillow holds a decoded frame at 1 byte a pixel in modes 1, L and P, 2 in I;16 and 4 in every other mode;
+# Pillow's WebP decoder also holds libwebp's canvases and a copy of the frame (16 bytes a pixel measured).
+FRAME_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+FORMAT_BYTES_PER_PIXEL = {"WEBP": 16}  # replaces the mode's cost
+DECODE_OVERHEAD_BYTES = 16 * 1024 * 1024  # decoder state, the re-encoded output, Python objects
+DECODE_THREADS = 2  # Pillow's decoders release the GIL; more threads than cores would only share them
+# Rows are converted and reduced a strip of about this many pixels at a time when downscaling.
+SHRINK_STRIP_PIXELS = 1_000_000
+
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK = 64 * 1024
 URL_SHOWN_CHARS = 200
@@ -88,7 +109,11 @@ class ImagePolicy:
     allowed_ports: tuple[int, ...] = (80, 443)  # ignored when allow_private_networks
     max_images: int = 8  # per request
     max_pixels: int = 40_000_000  # decompression-bomb guard, width * height of the first frame
+    max_pixels_per_request: int = 64_000_000  # all of a request's images, as decoded, from their headers
+    decode_memory_bytes: int = 256 * 1024 * 1024  # estimated decoding memory in use at once, process-wide
+    decode_wait_s: float = 30.0  # longest wait for decoding room before a retryable 503
     deny_networks: tuple[str, ...] = ()  # CIDRs refused always, even with allow_private_networks
+    deny_endpoints: tuple[tuple[str, int], ...] = ()  # (address, port) refused always: the upstream itself
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,12 +184,13 @@ def _builtin_reason(ip: IPAddress) -> str | None:
     return None
 
 
-def refusal_reason(address: str | IPAddress, policy: ImagePolicy) -> str | None:
-    """Why proxyd must not connect to ``address`` under ``policy``; None when it may.
+def refusal_reason(address: str | IPAddress, policy: ImagePolicy, port: int | None = None) -> str | None:
+    """Why proxyd must not connect to ``address`` (on ``port``) under ``policy``; None when it may.
 
     IPv4 embedded in IPv6 (IPv4-mapped, NAT64 64:ff9b::/96, 6to4 2002::/16) is unwrapped and judged by
     the IPv4 address, because Python 3.11's ``is_global`` is wrong for NAT64, 6to4 and 224.0.0.1
-    (anchors D.2). Operator ``deny_networks`` apply last and always, even with allow_private_networks.
+    (anchors D.2). Operator ``deny_networks`` and the upstream's own endpoint apply last and always,
+    even with allow_private_networks.
     """
     ip = address if isinstance(address, IPAddress) else ipaddress.ip_address(address)
     embedded = _embedded_ipv4(ip)
@@ -184,7 +210,39 @@ def refusal_reason(address: str | IPAddress, policy: ImagePolicy) -> str | None:
             for candidate in candidates:
                 if candidate.version == net.version and candidate in net:
                     return f"denied by configuration (deny_networks {net})"
+    if policy.deny_endpoints and port is not None:
+        endpoints = _parse_endpoints(policy.deny_endpoints)
+        if (ip, port) in endpoints or (embedded is not None and (embedded[1], port) in endpoints):
+            return "the upstream model server's own address"
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_endpoints(endpoints: tuple[tuple[str, int], ...]) -> frozenset[tuple[IPAddress, int]]:
+    return frozenset((ipaddress.ip_address(host), port) for host, port in endpoints)
+
+
+def upstream_endpoints(url: str) -> tuple[tuple[str, int], ...]:
+    """The (address, port) pairs the upstream URL reaches, looked up once at start, for deny_endpoints.
+
+    With allow_private_networks on (Ollama usually being on loopback or the LAN), an image URL could
+    otherwise point at Ollama itself. Only its port is refused, not its whole address, so local image
+    servers beside it stay reachable for testing.
+    """
+    parsed = yarl.URL(url)
+    host, port = parsed.host, parsed.port
+    if not host or port is None:
+        return ()
+    literal = literal_ip(host)
+    if literal is not None:
+        return ((str(literal), port),)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        log.warning("images: cannot resolve the upstream %s (%s); image URLs to it are not refused by address",
+                    host, exc)
+        return ()
+    return tuple(dict.fromkeys((str(ipaddress.ip_address(info[4][0])), port) for info in infos))
 
 
 def literal_ip(host: str) -> IPAddress | None:
@@ -235,7 +293,7 @@ async def resolve_checked(host: str, port: int, policy: ImagePolicy, resolver: R
         if not addresses:
             raise HostNotFound(f"could not resolve host {host} (no addresses)")
     for ip in addresses:
-        why = refusal_reason(ip, policy)
+        why = refusal_reason(ip, policy, port)
         if why is not None:
             if literal is not None:
                 shown = f"address {ip}" if str(ip) == host else f"address {host} (= {ip})"
@@ -299,16 +357,10 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
 
 
-def normalize_image(data: bytes, policy: ImagePolicy, what: str = "the image") -> tuple[str, bytes | None]:
-    """Check that ``data`` is a real image and make it something Ollama takes.
-
-    Returns ``(mime, new_bytes)``; ``new_bytes`` is None when the original bytes can go unchanged.
-    Raises :class:`_Bad` naming ``what`` when the bytes are not a usable image.
-    """
+def _open(data: bytes, what: str) -> Image.Image:
+    """Pillow's lazy open: it reads the header (format, mode, size), no pixels."""
     try:
-        with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as probe:
-            probe.verify()  # structural checks (PNG CRCs, ...) without decoding
-        img = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)  # verify() leaves the image unusable
+        return Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
     except Image.DecompressionBombError as exc:
         raise _Bad(f"{what} is too large in pixels ({exc})") from None
     except UnidentifiedImageError:
@@ -318,17 +370,125 @@ def normalize_image(data: bytes, policy: ImagePolicy, what: str = "the image") -
     except Exception as exc:  # Pillow raises many types for broken files
         raise _Bad(f"{what} is not a valid image ({exc})") from None
 
+
+def _check_size(img: Image.Image, policy: ImagePolicy, what: str) -> bool:
+    """Refuses an image over max_pixels; returns whether it will be downscaled. For a JPEG that will be,
+    it also sets libjpeg's reduced-scale decode (1/2 to 1/8), so ``img.size`` becomes what is decoded."""
+    width, height = img.size
+    if width * height > policy.max_pixels:
+        raise _Bad(f"{what} is {width}x{height} pixels, more than the {policy.max_pixels} allowed")
+    downscale = policy.max_dimension > 0 and max(width, height) > policy.max_dimension
+    if downscale and img.format in ("JPEG", "MPO"):
+        img.draft("RGB", _target(img.size, policy.max_dimension))  # never below the target size
+    return downscale
+
+
+def _target(size: tuple[int, int], max_dimension: int) -> tuple[int, int]:
+    """The size a downscaled image gets: its longer side max_dimension, aspect kept."""
+    scale = max_dimension / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _reduce_factor(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """The integer box reduction applied before Lanczos, leaving at least twice the target (as Pillow's
+    ``reducing_gap=2``), so the filter still sees enough pixels to avoid aliasing."""
+    return max(1, min(size[0] // target[0], size[1] // target[1]) // 2)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What an image's header says, before any pixel is decoded."""
+
+    format: str
+    size: tuple[int, int]  # as the file declares it
+    decoded_pixels: int  # what the decoder will produce (less for a JPEG decoded at reduced scale)
+    decode_bytes: int  # estimated peak memory of normalize_image for it
+
+
+def probe_image(data: bytes, policy: ImagePolicy, what: str = "the image") -> Probe:
+    """Reads the header only, so the request's totals and the decode budget are known before decoding."""
+    with _open(data, what) as img:
+        size, fmt = img.size, img.format or ""
+        downscale = _check_size(img, policy, what)
+        decoded = img.size  # after draft(): what libjpeg will actually produce
+        cost = _decode_bytes(fmt, img.mode, decoded, policy.max_dimension if downscale else 0)
+        return Probe(fmt, size, decoded[0] * decoded[1], cost)
+
+
+def _decode_bytes(fmt: str, mode: str, decoded: tuple[int, int], max_dimension: int) -> int:
+    """Upper estimate of normalize_image's peak memory: the decoded frame, plus, when downscaling, two
+    4-byte copies of one strip and the box-reduced image (see _shrink), or else a full-size RGB(A)
+    copy; plus a fixed overhead."""
+    pixels = decoded[0] * decoded[1]
+    frame = pixels * FORMAT_BYTES_PER_PIXEL.get(fmt, FRAME_BYTES_PER_PIXEL.get(mode, 4))
+    if not max_dimension:
+        return DECODE_OVERHEAD_BYTES + frame + pixels * 4
+    factor = _reduce_factor(decoded, _target(decoded, max_dimension))
+    strip = min(pixels, decoded[0] * factor * max(1, SHRINK_STRIP_PIXELS // (decoded[0] * factor)))
+    reduced = -(-decoded[0] // factor) * -(-decoded[1] // factor)
+    return DECODE_OVERHEAD_BYTES + frame + strip * 8 + reduced * 4
+
+
+# EXIF orientation -> the transposition that undoes it (EXIF 2.3, tag 0x0112), as ImageOps.exif_transpose.
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _shrink(img: Image.Image, max_dimension: int, alpha: bool) -> Image.Image:
+    """Downscale to fit max_dimension (aspect kept), in RGB or RGBA, holding beside the decoded image
+    only one strip and the box-reduced image (a quarter of it or less, once it is 4x the target).
+
+    Pillow's ``thumbnail``/``resize`` would first convert the *whole* image (RGBA to premultiplied
+    RGBa, palette to RGB), doubling or quintupling the peak of a large image. Here each strip of rows is
+    converted and box-reduced by an integer factor on its own (exact: strips are a multiple of the factor
+    high, so no box straddles two), and only the reduced image, still at least twice the target, gets
+    the Lanczos filter.
+    """
+    width, height = img.size
+    target = _target(img.size, max_dimension)
+    factor = _reduce_factor(img.size, target)
+    work = "RGBa" if alpha else "RGB"  # premultiplied alpha, so transparent pixels do not bleed colour
+    if factor == 1 and img.mode == work:
+        return img.resize(target, Image.Resampling.LANCZOS)  # nothing to convert or reduce: no copy
+    reduced = Image.new(work, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, SHRINK_STRIP_PIXELS // (width * factor))
+    for top in range(0, height, rows):
+        strip = img.crop((0, top, width, min(height, top + rows)))
+        strip = strip.convert("RGBA").convert("RGBa") if alpha else strip.convert("RGB")
+        if factor > 1:
+            strip = strip.reduce(factor)
+        reduced.paste(strip, (0, top // factor))
+        del strip
+    out = reduced.resize(target, Image.Resampling.LANCZOS)
+    return out.convert("RGBA") if alpha else out
+
+
+def normalize_image(data: bytes, policy: ImagePolicy, what: str = "the image") -> tuple[str, bytes | None]:
+    """Check that ``data`` is a real image and make it something Ollama takes.
+
+    Returns ``(mime, new_bytes)``; ``new_bytes`` is None when the original bytes can go unchanged.
+    Raises :class:`_Bad` naming ``what`` when the bytes are not a usable image. Its peak memory, which
+    :func:`probe_image` estimates, is the decoded frame plus what :func:`_shrink` holds.
+    """
+    with _open(data, what) as probe:
+        try:
+            probe.verify()  # structural checks (PNG CRCs, ...) without decoding
+        except Exception as exc:
+            raise _Bad(f"{what} is not a valid image ({exc})") from None
+    img = _open(data, what)  # verify() leaves the image unusable
+
     with img:
-        width, height = img.size
-        if width * height > policy.max_pixels:
-            raise _Bad(f"{what} is {width}x{height} pixels, more than the {policy.max_pixels} allowed")
         fmt = img.format or ""
-        downscale = policy.max_dimension > 0 and max(width, height) > policy.max_dimension
+        downscale = _check_size(img, policy, what)
         animated_webp = fmt == "WEBP" and getattr(img, "is_animated", False)
         try:
-            if downscale and fmt in ("JPEG", "MPO"):
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: faster and far less memory.
-                img.draft("RGB", (policy.max_dimension, policy.max_dimension))
             img.load()  # decode the first frame fully: truncated or corrupt data fails here
         except Exception as exc:
             raise _Bad(f"{what} is not a valid image ({exc})") from None
@@ -337,11 +497,16 @@ def normalize_image(data: bytes, policy: ImagePolicy, what: str = "the image") -
             return OLLAMA_MIME[fmt], None
 
         try:
-            out = ImageOps.exif_transpose(img)  # re-encoding drops EXIF, so apply its rotation first
-            alpha = _has_alpha(out)
-            out = out.convert("RGBA" if alpha else "RGB")
+            # Re-encoding drops EXIF, so its rotation is applied; after shrinking, where it is cheap.
+            turn = _ORIENTATION.get(img.getexif().get(0x0112))
+            alpha = _has_alpha(img)
             if downscale:
-                out.thumbnail((policy.max_dimension, policy.max_dimension), Image.Resampling.LANCZOS)
+                out = _shrink(img, policy.max_dimension, alpha)
+            else:
+                out = img.convert("RGBA" if alpha else "RGB")
+            img.close()  # the full-size frame is no longer needed: free it before encoding
+            if turn is not None:
+                out = out.transpose(turn)
             buf = io.BytesIO()
             if downscale and not alpha:
                 out.save(buf, "JPEG", quality=90)
@@ -350,17 +515,6 @@ def normalize_image(data: bytes, policy: ImagePolicy, what: str = "the image") -
             return "image/png", buf.getvalue()
         except Exception as exc:
             raise _Bad(f"{what} could not be converted ({exc})") from None
-
-
-def _needs_thread(data: bytes) -> bool:
-    """Big files, or small files that decode to many pixels (a compressed PNG can be tiny)."""
-    if len(data) > THREAD_BYTES:
-        return True
-    try:
-        with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as probe:  # reads the header only
-            return probe.size[0] * probe.size[1] > THREAD_PIXELS
-    except Exception:
-        return False  # normalize_image will report it, cheaply
 
 
 def _data_url(mime: str, data: bytes) -> str:
@@ -409,6 +563,86 @@ def _image_parts(messages: Any) -> list[_Part]:
     return parts
 
 
+@dataclass
+class _Loaded:
+    """An image part whose bytes are in hand and whose header has been read."""
+
+    part: _Part
+    data: bytes
+    what: str  # how messages name it: "the data URL" or the (shortened) URL
+    as_sent: str | None  # for a data URL that may go unchanged: the MIME type its prefix tells Ollama
+    probe: Probe
+
+
+class DecodeBudget:
+    """Estimated bytes of image decoding in progress in this process, capped at ``capacity``.
+
+    A decode waits until its estimate fits, first come first served (a large image is not overtaken
+    forever by small ones), so N concurrent requests cannot add their images' memory up. The caller
+    checks that an estimate fits the capacity at all before waiting.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+
+    async def acquire(self, n: int) -> None:
+        if not self._waiters and self.in_use + n <= self.capacity:
+            self.in_use += n
+            return
+        waiter = (n, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            await waiter[1]
+        except BaseException:  # cancelled or timed out
+            if waiter[1].done() and not waiter[1].cancelled():
+                self.release(n)  # granted just as it was cancelled: give it back
+            else:
+                self._waiters.remove(waiter)
+                self._grant()  # it may have blocked smaller ones behind it
+            raise
+
+    def release(self, n: int) -> None:
+        self.in_use -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.in_use + self._waiters[0][0] <= self.capacity:
+            n, future = self._waiters.popleft()
+            if not future.done():
+                self.in_use += n
+                future.set_result(None)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere (musl, macOS): returns freed heap pages to the OS."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def _decode_and_trim(data: bytes, policy: ImagePolicy, what: str) -> tuple[str, bytes | None]:
+    """normalize_image, then hand freed memory back to the OS before the budget counts it free.
+
+    Pillow frees a large image's 16 MiB blocks at once (its block cache is off: blocks_max 0), but
+    glibc keeps them in the decoding thread's heap, where another thread cannot reuse them: without
+    this, RSS grew to the sum of several decodes and stayed there (measured, docs/DESIGN.md).
+    """
+    try:
+        return normalize_image(data, policy, what)
+    finally:
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+
+
 class ImageInliner:
     """Rewrites a request's image parts into data URLs Ollama accepts. One per application; its HTTP
     session (connection pool) is created on first use and closed by :meth:`close`."""
@@ -426,7 +660,12 @@ class ImageInliner:
         self._resolver = resolver or system_resolve
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
+        self._budget = DecodeBudget(policy.decode_memory_bytes)
+        # Large decodes get threads of their own, so they never queue DNS lookups or token counting
+        # behind them on the loop's default executor.
+        self._decoder = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="proxyd-decode")
         _parse_networks(policy.deny_networks)  # bad CIDRs fail at startup, not on the first request
+        _parse_endpoints(policy.deny_endpoints)
 
     async def inline(self, messages: list) -> int:
         """Validates every image part; replaces each http(s) URL and each non-Ollama format by a data
@@ -448,27 +687,48 @@ class ImageInliner:
             with _blame(part.where):
                 if not _is_data_url(part.url):
                     self._check_url(part.url)
-        urls = await _all_or_nothing([self._inline_one(part) for part in parts])
+        # Every image's bytes and header first (fetches side by side), so the request's total is known
+        # before a single pixel is decoded; then the decodes, each holding room in the process budget.
+        loaded = await _all_or_nothing([self._load(part) for part in parts])
+        total = sum(image.probe.decoded_pixels for image in loaded)
+        if total > self.policy.max_pixels_per_request:
+            raise InvalidRequest(
+                f"the images in this request decode to {total} pixels in total, more than the "
+                f"{self.policy.max_pixels_per_request} allowed per request",
+                param="messages",
+            )
+        urls = await _all_or_nothing([self._finish(image) for image in loaded])
         for part, url in zip(parts, urls):
             part.holder[part.key] = url
         return len(parts)
 
     async def close(self) -> None:
+        self._decoder.shutdown(wait=False)
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     # ---- one part
 
-    async def _inline_one(self, part: _Part) -> str:
+    async def _load(self, part: _Part) -> _Loaded:
+        """The image's bytes (decoded from its data URL, or fetched) and its header; no pixel decoded."""
         with _blame(part.where):
             if _is_data_url(part.url):
-                return await self._from_data_url(part.url)
-            data = await self._fetch(part.url)
-            mime, new = await self._normalize(data, _show(part.url))
-            return _data_url(mime, new if new is not None else data)
+                data, as_sent = self._from_data_url(part.url)
+                what = "the data URL"
+            else:
+                data, as_sent, what = await self._fetch(part.url), None, _show(part.url)
+            return _Loaded(part, data, what, as_sent, probe_image(data, self.policy, what))
 
-    async def _from_data_url(self, url: str) -> str:
+    async def _finish(self, image: _Loaded) -> str:
+        with _blame(image.part.where):
+            mime, new = await self._normalize(image)
+            if new is None and image.as_sent == mime:
+                return image.part.url  # already what Ollama wants: forward the very same string
+            return _data_url(mime, new if new is not None else image.data)
+
+    def _from_data_url(self, url: str) -> tuple[bytes, str | None]:
+        """The payload's bytes, and the MIME type Ollama will read from the URL if it may go unchanged."""
         head, comma, payload = url.partition(",")
         if not comma:
             raise _Bad("the data URL has no ',' before its payload")
@@ -487,16 +747,41 @@ class ImageInliner:
             raise _Bad(f"the data URL's payload is not valid base64 ({exc})") from None
         if len(data) > self.policy.max_bytes:
             raise _Bad(self._too_large_message(), too_large=True)
-        out_mime, new = await self._normalize(data, "the data URL")
-        if new is None and clean is payload and OLLAMA_PREFIXES.get(head + ",") == out_mime:
-            return url  # already what Ollama wants: forward the very same string
-        return _data_url(out_mime, new if new is not None else data)
+        return data, OLLAMA_PREFIXES.get(head + ",") if clean is payload else None
 
-    async def _normalize(self, data: bytes, what: str) -> tuple[str, bytes | None]:
-        if _needs_thread(data):
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, normalize_image, data, self.policy, what)
-        return normalize_image(data, self.policy, what)
+    async def _normalize(self, image: _Loaded) -> tuple[str, bytes | None]:
+        """normalize_image under the decode budget: on the loop for small images, else in a thread."""
+        probe, policy = image.probe, self.policy
+        cost = probe.decode_bytes
+        if cost > self._budget.capacity:
+            width, height = probe.size
+            raise _Bad(
+                f"{image.what} ({width}x{height} {probe.format}) would take about {cost >> 20} MiB to decode, "
+                f"more than the {self._budget.capacity >> 20} MiB allowed"
+            )
+        try:
+            async with asyncio.timeout(policy.decode_wait_s):
+                await self._budget.acquire(cost)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                "proxyd is busy decoding other images; retry shortly", headers={"Retry-After": "1"}
+            ) from None
+        if len(image.data) <= THREAD_BYTES and probe.decoded_pixels <= THREAD_PIXELS:
+            try:
+                return normalize_image(image.data, policy, image.what)
+            finally:
+                self._budget.release(cost)
+        loop = asyncio.get_running_loop()
+        decode = loop.run_in_executor(self._decoder, _decode_and_trim, image.data, policy, image.what)
+        # The room is given back when the thread ends, not when this request stops waiting for it
+        # (a cancelled request's decode still runs to the end, and still uses its memory).
+        decode.add_done_callback(lambda done: self._decoded(done, cost))
+        return await asyncio.shield(decode)
+
+    def _decoded(self, done: asyncio.Future, cost: int) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved, so a cancelled request's failure is not logged as unhandled
+        self._budget.release(cost)
 
     def _too_large_message(self) -> str:
         return f"the image is larger than {self.policy.max_bytes} bytes"
@@ -525,7 +810,7 @@ class ImageInliner:
             raise _Bad(f"{refuse}: port {port} is not allowed (allowed: {allowed})")
         ip = literal_ip(host)
         if ip is not None:
-            why = refusal_reason(ip, self.policy)
+            why = refusal_reason(ip, self.policy, port)
             shown = f"address {ip}" if str(ip) == host else f"address {host} (= {ip})"
             if why is not None:
                 raise _Bad(f"{refuse}: {shown} is {why}")

@@ -117,7 +117,7 @@ def check_structures(config: Config) -> None:
 def build_context(config: Config, *, clock: Callable[[], float] = time.time, image_resolver=None) -> Context:
     """Opens the store (migrations, crash recovery) and builds every shared object. Synchronous."""
     # Imported here: Pillow and aiohttp load only when a proxy is actually built.
-    from .images import ImageInliner, ImagePolicy
+    from .images import ImageInliner, ImagePolicy, upstream_endpoints
 
     config_limits = parse_config_limits(config["limits"])
     prices = PriceTable(config["pricing"])
@@ -166,6 +166,11 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
         max_redirects=img["max_redirects"],
         max_dimension=img["max_dimension"],
         max_images=img["max_images"],
+        max_pixels=img["max_pixels"],
+        max_pixels_per_request=img["max_pixels_per_request"],
+        decode_memory_bytes=img["decode_memory_bytes"],
+        deny_networks=tuple(img["deny_networks"]),
+        deny_endpoints=upstream_endpoints(config["upstream.url"]),
     )
     images = ImageInliner(policy, resolver=image_resolver)
     return Context(config, store, accounts, meter, tokens, upstream, images, metrics)

@@ -46,6 +46,14 @@ def make_noise_png(size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
+def make_bomb(size: tuple[int, int] = (6300, 6300), mode: str = "RGBA", fmt: str = "PNG") -> bytes:
+    """A decompression bomb: a uniform image, a few hundred KiB at most, that decodes to size[0] * size[1]
+    pixels (6300x6300 RGBA: ~154 KB of PNG, 159 MB decoded)."""
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 

@@ -11,11 +11,16 @@ import base64
 import copy
 import io
 import ipaddress
+import os
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,6 +45,7 @@ from tests.fixtures_images import (
     decode_data_url,
     image_message,
     image_server,
+    make_bomb,
     make_image,
     make_noise_png,
     make_tls_files,
@@ -692,3 +698,314 @@ def test_animated_webp_becomes_png_of_the_first_frame():
     inline_sync(messages)
     head, img = decode_data_url(first_url(messages))
     assert head == "data:image/png;base64" and img.getpixel((0, 0)) == (255, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# decompression bombs: per image, per request, per process (issue #12, item 1)
+
+
+def test_request_total_is_refused_from_headers_before_any_decode(monkeypatch):
+    decoded = []
+    monkeypatch.setattr(images, "normalize_image", lambda *args: decoded.append(args) or ("image/png", None))
+    bomb = data_url(make_bomb((3000, 3000), mode="L"))  # 9 Mpx each, a few KiB
+    err = refused(bomb, ImagePolicy(max_pixels_per_request=8_000_000))
+    assert err.message == (
+        "the images in this request decode to 9000000 pixels in total, more than the 8000000 allowed per request"
+    ) and err.param == "messages" and err.status == 400
+    messages = image_message(bomb, bomb, data_url(PNG))
+    with pytest.raises(InvalidRequest, match="decode to 18001200 pixels in total"):
+        inline_sync(messages, ImagePolicy(max_pixels_per_request=18_000_000))
+    assert decoded == []  # refused on the headers alone
+    assert inline_sync(image_message(bomb, bomb), ImagePolicy(max_pixels_per_request=18_000_000)) == 2
+
+
+def test_a_jpeg_counts_the_pixels_it_decodes_at_reduced_scale():
+    photo = make_image("JPEG", (4000, 3000))
+    probe = images.probe_image(photo, ImagePolicy())
+    assert probe.size == (4000, 3000)
+    assert probe.decoded_pixels == 2000 * 1500  # libjpeg decodes at 1/2: still above the 1024x768 target
+    assert images.probe_image(photo, ImagePolicy(max_dimension=0)).decoded_pixels == 4000 * 3000
+
+
+def test_decode_estimates_cover_what_is_measured():
+    """The estimate must not undercount: DESIGN.md has the measured peaks these stay above."""
+    def cost(size, mode, fmt="PNG"):
+        return images.probe_image(make_bomb(size, mode, fmt), ImagePolicy(max_pixels=50_000_000)).decode_bytes
+
+    mib = 1 << 20
+    assert cost((6300, 6300), "RGBA") > 182 * mib  # measured 181.0 MiB
+    assert cost((6300, 6300), "P") > 71 * mib  # measured 70.3 MiB (with transparency)
+    assert cost((4000, 4000), "RGBA", "WEBP") > 272 * mib  # measured 271.6 MiB
+    assert cost((600, 400), "RGB") < 20 * mib  # small images stay cheap
+
+
+def test_image_that_alone_exceeds_the_decode_budget_is_refused():
+    bomb = make_bomb((4000, 4000), mode="RGBA", fmt="WEBP")  # WebP decodes at ~16 bytes a pixel
+    assert len(bomb) < 100_000
+    err = refused(data_url(bomb, "image/webp"))
+    assert err.status == 400
+    assert re.search(r"the data URL \(4000x4000 WEBP\) would take about (\d+) MiB to decode, more than the 256 MiB allowed",
+                     err.message)
+
+
+def test_concurrent_requests_decode_within_the_process_budget(monkeypatch):
+    """Eight requests with a 6300x6300 bomb each: the budget has room for one such decode at a time."""
+    running, peak = [0], [0]
+    lock = threading.Lock()
+    real = images.normalize_image
+
+    def counting(*args):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(images, "normalize_image", counting)
+    url = data_url(make_bomb())
+
+    async def go():
+        inliner = ImageInliner(ImagePolicy())
+        try:
+            requests = [image_message(url) for _ in range(8)]
+            assert await asyncio.gather(*(inliner.inline(m) for m in requests)) == [1] * 8
+            assert inliner._budget.in_use == 0
+            return requests
+        finally:
+            await inliner.close()
+
+    requests = run(go())
+    assert peak[0] == 1
+    head, img = decode_data_url(first_url(requests[0]))
+    assert head == "data:image/png;base64" and img.size == (1024, 1024) and img.mode == "RGBA"
+
+
+def test_waiting_too_long_for_decode_room_is_a_retryable_503():
+    from proxyd.errors import ServiceUnavailable
+
+    async def go():
+        inliner = ImageInliner(ImagePolicy(decode_wait_s=0.2))
+        try:
+            await inliner._budget.acquire(inliner._budget.capacity)  # someone else's huge decode
+            messages = image_message(data_url(make_image("PNG", (2000, 1000))))
+            with pytest.raises(ServiceUnavailable) as info:
+                await inliner.inline(messages)
+            inliner._budget.release(inliner._budget.capacity)
+            assert await inliner.inline(messages) == 1
+            return info.value
+        finally:
+            await inliner.close()
+
+    err = run(go())
+    assert err.status == 503 and err.headers["Retry-After"] == "1" and "busy decoding" in err.message
+
+
+def test_a_cancelled_request_keeps_its_room_until_its_decode_ends(monkeypatch):
+    started, finish = threading.Event(), threading.Event()
+    real = images.normalize_image
+
+    def slow(*args):
+        started.set()
+        finish.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(images, "normalize_image", slow)
+
+    async def go():
+        inliner = ImageInliner(ImagePolicy())
+        try:
+            task = asyncio.ensure_future(inliner.inline(image_message(data_url(make_bomb((3000, 3000))))))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            held = inliner._budget.in_use  # the thread still decodes, so its memory is still in use
+            finish.set()
+            for _ in range(200):
+                if inliner._budget.in_use == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return held, inliner._budget.in_use
+        finally:
+            finish.set()
+            await inliner.close()
+
+    held, after = run(go())
+    assert held > 0 and after == 0
+
+
+def test_decode_budget_is_first_come_first_served():
+    async def go():
+        budget = images.DecodeBudget(10)
+        order = []
+
+        async def take(name, n):
+            await budget.acquire(n)
+            order.append(name)
+
+        await budget.acquire(6)
+        big = asyncio.ensure_future(take("big", 8))
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(take("small", 2))  # would fit now, but waits behind the big one
+        await asyncio.sleep(0.01)
+        assert order == [] and budget.in_use == 6
+        budget.release(6)
+        await asyncio.gather(big, small)
+        assert order == ["big", "small"] and budget.in_use == 10
+        # a waiter that gives up lets the ones behind it through
+        budget.release(10)
+        await budget.acquire(9)
+        stuck = asyncio.ensure_future(take("stuck", 5))
+        await asyncio.sleep(0)
+        behind = asyncio.ensure_future(take("behind", 1))
+        await asyncio.sleep(0)
+        stuck.cancel()
+        await asyncio.sleep(0.01)
+        assert behind.done() and budget.in_use == 10
+
+    run(go())
+
+
+def test_shrinking_in_strips_matches_pillows_thumbnail():
+    for mode, size in (("RGB", (3000, 1700)), ("RGBA", (2500, 2500)), ("P", (2100, 900))):
+        src = Image.open(io.BytesIO(make_image("PNG", size, mode="RGBA" if mode == "RGBA" else "RGB")))
+        src = src.convert(mode)
+        mine = images._shrink(src, 1024, alpha=mode == "RGBA")
+        ref = src.convert("RGBA" if mode == "RGBA" else "RGB")
+        ref.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
+        assert mine.size == ref.size and mine.mode == ref.mode
+        diff = sum(abs(a - b) for a, b in zip(mine.tobytes(), ref.tobytes())) / len(ref.tobytes())
+        assert diff < 1.0, (mode, diff)  # same picture, within rounding
+
+
+def test_exif_rotation_is_applied_to_downscaled_images():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(make_image("PNG", (2000, 1000)))).save(buf, "JPEG", exif=exif)
+    messages = image_message(data_url(buf.getvalue(), "image/jpeg"))
+    inline_sync(messages)
+    head, img = decode_data_url(first_url(messages))
+    assert head == "data:image/jpeg;base64" and img.size == (512, 1024)
+
+
+def test_memory_is_handed_back_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert images._malloc_trim is not None and images._malloc_trim(0) in (0, 1)
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    with open(f"/proc/{pid}/status") as fh:
+        fields = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS", "VmHWM")))
+    return {k: int(v.split()[0]) / 1024 for k, v in fields.items()}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="reads Linux /proc memory counters")
+def test_bombs_in_concurrent_requests_keep_the_process_small(tmp_path):
+    """The issue's attack on a real proxyd process with its default settings: 6300x6300 RGBA PNGs of
+    zeros (~154 KB each, 159 MB decoded), eight to a request and one to a request, all at once. Before
+    the fix this took the process from ~105 MB to ~2.9 GB and left it above 1.2 GB."""
+    from tests.test_process import ADMIN, ROOT, free_port, new_key, wait_http
+
+    emu_port, port = free_port(), free_port()
+    emu = subprocess.Popen([sys.executable, "-m", "proxyd.emulator", "--port", str(emu_port)], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("logging:\n  access_log: false\n")
+    env = {**os.environ, "PROXYD_PORT": str(port), "PROXYD_UPSTREAM": f"http://127.0.0.1:{emu_port}",
+           "PROXYD_DB": str(tmp_path / "ledger.db"), "PROXYD_ADMIN_TOKEN": ADMIN, "PROXYD_CONFIG": str(cfg)}
+    proxy = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"http://127.0.0.1:{emu_port}/", emu)
+        wait_http(base + "/healthz", proxy)
+        headers = {"Authorization": f"Bearer {new_key(base, 'alice')}"}
+
+        def chat(*urls: str) -> httpx.Response:
+            body = {"model": "moondream", "messages": image_message(*urls), "max_tokens": 5}
+            return httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+        # Warm up (Pillow loaded, a decode thread started), then measure from here.
+        assert chat(data_url(make_image("PNG", (3000, 2000)))).status_code == 200
+        start = _memory_mb(proxy.pid)["VmRSS"]
+        with open(f"/proc/{proxy.pid}/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak (VmHWM) to the current RSS
+
+        bomb = data_url(make_bomb())
+        statuses: list[int] = []
+        senders = [threading.Thread(target=lambda n=n: statuses.append(chat(*[bomb] * n).status_code))
+                   for n in (8, 8, 1, 1, 1, 1, 1, 1)]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(180)
+        peak = _memory_mb(proxy.pid)["VmHWM"] - start
+        for _ in range(50):  # memory is handed back as each decode ends; allow the last one to finish
+            returned = _memory_mb(proxy.pid)["VmRSS"] - start
+            if returned < 64:
+                break
+            time.sleep(0.1)
+        print(f"RSS at start {start:.0f} MB; peak +{peak:.0f} MB; afterwards +{returned:.0f} MB")
+        assert peak < 300, f"peak RSS grew by {peak:.0f} MB"
+        assert returned < 64, f"RSS stayed {returned:.0f} MB above its start"
+        assert sorted(statuses) == [200] * 6 + [400] * 2  # eight bombs are more than a request may decode
+    finally:
+        for p in (proxy, emu):
+            p.terminate()
+            p.wait(15)
+
+
+# ---------------------------------------------------------------------------------------------
+# configurable deny_networks and the upstream's own endpoint (issue #12, item 16)
+
+
+def test_deny_endpoints_refuse_one_port_of_an_address():
+    policy = ImagePolicy(allow_private_networks=True, deny_endpoints=(("127.0.0.1", 11434), ("::1", 11434)))
+    assert refusal_reason("127.0.0.1", policy, 11434) == "the upstream model server's own address"
+    assert refusal_reason("::ffff:127.0.0.1", policy, 11434) == "the upstream model server's own address"
+    assert refusal_reason("::1", policy, 11434) is not None
+    assert refusal_reason("127.0.0.1", policy, 8080) is None
+    assert refusal_reason("127.0.0.2", policy, 11434) is None
+    err = refused("http://127.0.0.1:11434/api/tags", policy, no_dns)
+    assert "address 127.0.0.1 is the upstream model server's own address" in err.message
+
+    async def localhost(host, port):
+        return ["127.0.0.1"]
+
+    err = refused("http://ollama.test:11434/api/version", policy, localhost)
+    assert "ollama.test resolves to 127.0.0.1, which is the upstream model server's own address" in err.message
+
+
+def test_upstream_endpoints_are_what_the_upstream_url_reaches():
+    assert images.upstream_endpoints("http://127.0.0.1:11434") == (("127.0.0.1", 11434),)
+    assert images.upstream_endpoints("https://[::1]/ollama") == (("::1", 443),)
+    assert ("127.0.0.1", 11434) in images.upstream_endpoints("http://localhost:11434")
+
+
+@pytest.mark.parametrize("value", [["10.0.0.0/33"], ["not-a-cidr"], [10], ["169.254.169.254", None]])
+def test_a_bad_deny_network_stops_the_start_naming_the_key(value):
+    from proxyd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"^config: 'images.deny_networks' has .* which is not a network"):
+        load_config(None, {"images.deny_networks": value}, env={})
+    assert load_config(None, {"images.deny_networks": ["169.254.169.254", "fd00::/8"]}, env={})
+
+
+def test_a_bad_deny_network_in_config_yaml_is_one_line_and_exit_2(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("images:\n  allow_private_networks: true\n  deny_networks: [169.254.0.0/16, 10.0.0.0/40]\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "app.py", "--config", str(cfg)], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "proxyd: config: 'images.deny_networks' has '10.0.0.0/40', which is not a network "
+        "(write CIDRs such as 169.254.0.0/16 or fd00::/8)"
+    ]

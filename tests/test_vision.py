@@ -97,3 +97,40 @@ def test_large_image_is_downscaled(world):
     sent = last_upstream_image(world)
     img = Image.open(io.BytesIO(base64.b64decode(sent.split(",", 1)[1])))
     assert max(img.size) == 1024 and img.size[0] == 2 * img.size[1]
+
+
+def test_deny_networks_are_refused_even_with_private_networks_allowed(make_world):
+    # An operator who must allow private networks still blocks the metadata address and a subnet.
+    world = make_world(config={"images.allow_private_networks": True,
+                               "images.deny_networks": ["169.254.169.254/32", "127.0.0.0/8"]})
+    cm, server = start_image_server(world)
+    try:
+        key = world.new_user("alice")
+        for url, net in (("http://169.254.169.254/latest/meta-data", "169.254.169.254/32"),
+                         (server.url("/png"), "127.0.0.0/8")):
+            with pytest.raises(openai.BadRequestError) as e:
+                world.client(key).chat.completions.create(model="moondream", messages=image_message(url))
+            assert e.value.status_code == 400 and e.value.body["param"] == "messages[0].content[0].image_url"
+            assert f"is denied by configuration (deny_networks {net})" in e.value.message
+        assert server.hits == []  # refused before any connection
+        world.settle_all()
+        assert world.rows("SELECT COUNT(*) FROM requests") == [(0,)]
+    finally:
+        world.call(cm.__aexit__(None, None, None))
+
+
+def test_the_upstream_itself_is_refused_with_private_networks_allowed(make_world):
+    world = make_world(config={"images.allow_private_networks": True})
+    cm, server = start_image_server(world)
+    try:
+        key = world.new_user("alice")
+        with pytest.raises(openai.BadRequestError) as e:
+            world.client(key).chat.completions.create(
+                model="moondream", messages=image_message(world.upstream_url + "/api/tags"))
+        assert "is the upstream model server's own address" in e.value.message
+        assert not [r for r in world.emu.requests if r["path"] == "/api/tags"]
+        # the same address on another port (a local image server) is still allowed, as configured
+        world.client(key).chat.completions.create(model="moondream", messages=image_message(server.url("/png")))
+        assert last_upstream_image(world).startswith("data:image/png;base64,")
+    finally:
+        world.call(cm.__aexit__(None, None, None))
