@@ -255,7 +255,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         raise ConfigError("config: 'server.max_connections' must be at least 1")
     if values["server.header_timeout_s"] <= 0:
         raise ConfigError("config: 'server.header_timeout_s' must be > 0")
-
     _check_networks("images.deny_networks", values["images.deny_networks"])
     levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     if str(values["logging.level"]).upper() not in levels:
