@@ -415,7 +415,7 @@ class CompletionsHandler(ProxyHandler):
     async def post(self) -> None:
         body = self.json_body()
         model, stream, include_usage = validate.completions(body)
-        prompt = await self.ctx.tokens.text_prompt(model, body["prompt"])
+        prompt = await self.ctx.tokens.text_prompt(model, body["prompt"], body.get("suffix"))
         await self.proxy(body, model=model, stream=stream, include_usage=include_usage, prompt_tokens=prompt)
 
 
