@@ -792,6 +792,14 @@ class ModelsHandler(BaseHandler):
 
 class ModelHandler(BaseHandler):
     def get(self, name: str) -> None:
+        if "/" in name:
+            # gin routes on the decoded path, where /v1/models/:model is one segment: a name with a
+            # "/" (hf.co/org/m, or an encoded ..%2f..%2fapi%2fversion) matches no route there.
+            self.send_error(404)
+            return
+        if not canonical(name):  # ShowHandler: parseAndValidateModelRef -> 400 (errtypes.InvalidModelNameErrMsg)
+            self._write_ollama_error(OllamaError(400, "invalid model name"))
+            return
         found = _find(name, self.state.options.models)
         if found is None:
             self._write_ollama_error(OllamaError(404, f"model '{name}' not found"))

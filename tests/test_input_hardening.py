@@ -294,3 +294,46 @@ def test_keys_go_would_read_as_another_field_are_refused(world, path, body):
     assert not any(q["path"] == path for q in world.emu.requests)
 
 
+# =================================================================================================
+# Item 6: /v1/models/{model} cannot leave its route
+# =================================================================================================
+
+
+def raw_get(port: int, path: str, key: str) -> tuple[int, bytes]:
+    """A GET sent byte for byte (an SDK or httpx would normalise the path first)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/models/..%2f..%2fapi%2fversion", "/v1/models/../../api/version", "/models/..%2F..%2Fapi%2Fversion",
+    "/v1/models/..%2F..%2F..%2Fapi%2Fversion%3F", "/v1/models/%2e%2e%2f%2e%2e%2fapi%2fversion",
+    "/v1/models/x%2f..%2f..%2f..%2fapi%2fversion",
+])
+def test_model_path_cannot_reach_other_upstream_routes(world, path):
+    key = world.new_user("alice")
+    status, body = raw_get(world.port, path, key)
+    assert status in (400, 404), (status, body)
+    assert "version" not in json.loads(body) and "error" in json.loads(body), body
+    assert not any(q["path"] != "/v1/models" and not q["path"].startswith("/v1/models/") for q in world.emu.requests), \
+        [q["path"] for q in world.emu.requests]
+
+
+def test_model_retrieve_still_works_and_refuses_what_ollama_refuses(world):
+    key = world.new_user("alice")
+    assert world.client(key).models.retrieve("moondream").id == "moondream"
+    assert world.client(key).models.retrieve("MoonDream:latest").id == "MoonDream:latest"
+    status, body = raw_get(world.port, "/v1/models/moondream%3A", key)  # "moondream:": Ollama's 400
+    assert status == 400 and json.loads(body)["error"]["param"] == "model", body
+    status, body = raw_get(world.port, "/v1/models/hf.co%2Forg%2Fm%3Aq4", key)  # one segment in Ollama: no route
+    assert status == 404, body
+    assert [q["path"] for q in world.emu.requests if q["path"].startswith("/v1/models/")] == [
+        "/v1/models/moondream", "/v1/models/MoonDream:latest"]
+
+
