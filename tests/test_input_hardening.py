@@ -337,3 +337,28 @@ def test_model_retrieve_still_works_and_refuses_what_ollama_refuses(world):
         "/v1/models/moondream", "/v1/models/MoonDream:latest"]
 
 
+# =================================================================================================
+# Item 7: deep JSON is a 400 at parse time
+# =================================================================================================
+
+
+@pytest.mark.parametrize("depth", [200, 1000, 1023, 5000])
+def test_deeply_nested_bodies_are_refused_when_read(world, depth):
+    key = world.new_user("alice")
+    raw = b'{"model":"llama3.2:1b","messages":[{"role":"user","content":"Hi"}],"x":' + b"[" * depth + b"]" * depth + b"}"
+    r = post(world, "/v1/chat/completions", raw, key)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
+    world.settle_all()
+    assert world.rows("SELECT COUNT(*) FROM requests") == [(0,)]
+
+
+def test_nesting_within_the_limit_is_forwarded(world):
+    key = world.new_user("alice")
+    raw = b'{"model":"llama3.2:1b","messages":[{"role":"user","content":"Hi"}],"x":' + b"[" * 120 + b"]" * 120 + b"}"
+    r = post(world, "/v1/chat/completions", raw, key)
+    assert r.status_code == 200, r.text
+    # many brackets, little depth (the exact walk): a 300-message conversation
+    body = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "Hi"}] * 300, "max_tokens": 3}
+    assert post(world, "/v1/chat/completions", body, key).status_code == 200
+
+
