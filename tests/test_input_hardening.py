@@ -362,3 +362,60 @@ def test_nesting_within_the_limit_is_forwarded(world):
     assert post(world, "/v1/chat/completions", body, key).status_code == 200
 
 
+# =================================================================================================
+# Item 8: limit values, through the admin API
+# =================================================================================================
+
+
+def put_limits(world, raw: bytes) -> httpx.Response:
+    return httpx.put(world.url + "/admin/users/alice/limits", content=raw, timeout=30,
+                     headers={"Authorization": "Bearer test-admin-token", "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"total_tokens": 1e300}', "at most 9007199254740991"),
+    (b'{"total_tokens": 99999999999999999999999}', "at most 9007199254740991"),
+    (b'{"total_tokens": 9007199254740992}', "at most 9007199254740991"),
+    (b'{"total_tokens": 1.5}', "whole number"),
+    (b'{"total_tokens": "100"}', "whole number"),
+    (b'{"total_cost_usd": "  5 "}', "decimal amount of USD"),
+    (b'{"total_cost_usd": "1_000"}', "decimal amount of USD"),
+    (b'{"total_cost_usd": "NaN"}', "decimal amount of USD"),
+    (b'{"total_cost_usd": "1e3"}', "decimal amount of USD"),
+    (b'{"total_cost_usd": "-1"}', "decimal amount of USD"),
+    (b'{"total_cost_usd": "0.0000000001"}', "decimal amount of USD"),
+    (b'{"total_cost_usd": 1e-10}', "more than 9 decimals"),
+    (b'{"total_cost_usd": 1e300}', "at most 1000000000000 USD"),
+    (b'{"models": {"moondream": {"tokens_per_day": 1e300}}}', "at most 9007199254740991"),
+])
+def test_bad_limit_values_are_refused_saying_why(world, raw, words):
+    world.new_user("alice")
+    r = put_limits(world, raw)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"].startswith("limits."), r.text
+
+
+def test_limit_values_are_stored_exactly(world):
+    world.new_user("alice")
+    r = put_limits(world, b'{"total_tokens": 9007199254740991, "tokens_per_day": 1e3, "total_cost_usd": "12.5",'
+                          b' "cost_per_day_usd": 0.1, "cost_per_month_usd": 1000000000000}')
+    assert r.status_code == 200, r.text
+    assert r.json()["overrides"] == {"total_tokens": 9007199254740991, "tokens_per_day": 1000,
+                                     "total_cost_usd": "12.500000000", "cost_per_day_usd": "0.100000000",
+                                     "cost_per_month_usd": "1000000000000.000000000"}
+    world.restart()
+    assert world.admin("GET", "/admin/users/alice/limits").json()["overrides"] == r.json()["overrides"]
+
+
+def test_values_an_older_version_stored_do_not_stop_the_start(world, caplog):
+    world.new_user("alice")
+    legacy = json.dumps({"total_tokens": 1e300, "total_cost_usd": "  5 "})
+
+    async def write():
+        await world.ctx.store.submit_sql("UPDATE users SET limits_json=? WHERE user_id='alice'", (legacy,))
+
+    world.call(write())
+    world.restart()
+    shown = world.admin("GET", "/admin/users/alice/limits").json()["overrides"]
+    assert shown == {"total_tokens": 9007199254740991, "total_cost_usd": "5.000000000"}, shown
+    assert "set the limit again" in caplog.text
