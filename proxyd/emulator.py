@@ -116,6 +116,9 @@ class EmulatorOptions:
     send_usage: bool = True  # False = an upstream that never reports usage in streams
     # Models that only embed: chat says `"X" does not support chat`, completions `... generate`.
     embedding_only_models: tuple = ("nomic-embed-text",)
+    # Models whose template takes a completions `suffix` (fill-in-the-middle, like qwen2.5-coder); any
+    # other model answers a suffix with 400 "does not support insert", as Ollama does.
+    insert_models: tuple = ()
 
     def __post_init__(self) -> None:
         if self.stream_format not in ("old", "new"):
@@ -537,6 +540,7 @@ class Job:
     bad_image: bool = False
     wants_thinking: bool = False  # reasoning_effort other than "none": no emulated model thinks
     tools: Optional[list] = None  # chat: rendered into the prompt by the template, so counted
+    suffix: str = ""  # completions: fill-in-the-middle text after the prompt
 
 
 def _text_of(content: Any) -> str:
@@ -637,6 +641,7 @@ def parse_completion(body: Any) -> Job:
         max_tokens=body.get("max_tokens"),
         steer_text=prompt,
         prompt=prompt,
+        suffix=body.get("suffix") or "",
     )
 
 
@@ -787,6 +792,14 @@ class ModelsHandler(BaseHandler):
 
 class ModelHandler(BaseHandler):
     def get(self, name: str) -> None:
+        if "/" in name:
+            # gin routes on the decoded path, where /v1/models/:model is one segment: a name with a
+            # "/" (hf.co/org/m, or an encoded ..%2f..%2fapi%2fversion) matches no route there.
+            self.send_error(404)
+            return
+        if not canonical(name):  # ShowHandler: parseAndValidateModelRef -> 400 (errtypes.InvalidModelNameErrMsg)
+            self._write_ollama_error(OllamaError(400, "invalid model name"))
+            return
         found = _find(name, self.state.options.models)
         if found is None:
             self._write_ollama_error(OllamaError(404, f"model '{name}' not found"))
@@ -987,7 +1000,7 @@ class ChatHandler(InferenceHandler):
                 raise OllamaError(500, NO_VISION)
             if job.bad_image:
                 raise OllamaError(500, NOT_AN_IMAGE)
-        prompt = await self.state.tokens.chat_prompt(model, job.messages or [], job.tools) + opts.prompt_token_skew
+        prompt = await self.rendered_chat_prompt(model, job) + opts.prompt_token_skew
         pad = fault.arg if fault is not None and fault.name == "huge" else 0
         reply = plan_reply(natural, job.max_tokens, pad)
         rid = f"chatcmpl-{random.randrange(999)}"
@@ -1011,6 +1024,18 @@ class ChatHandler(InferenceHandler):
         }
         delay = opts.first_byte_delay_s + len(reply.words) * opts.token_delay_s
         await self.answer_once(body, fault, delay)
+
+    async def rendered_chat_prompt(self, model: str, job: Job) -> int:
+        """The prompt the template renders: the messages, and each message's ``reasoning`` (Ollama's
+        api.Message.Thinking) the way thinking templates (qwen3, deepseek-r1) write it back. Counted here
+        apart from proxyd's estimate of it, so a test can tell the two apart."""
+        messages = job.messages or []
+        thoughts = [m["reasoning"] for m in messages if isinstance(m.get("reasoning"), str) and m["reasoning"]]
+        if thoughts:
+            messages = [{k: v for k, v in m.items() if k != "reasoning"} for m in messages]
+        base = await self.state.tokens.chat_prompt(model, messages, job.tools)
+        counts = await self.state.tokens.count_many(model, [f"<think>\n{t}\n</think>\n\n" for t in thoughts])
+        return base + sum(counts)
 
     def chat_events(
         self, job: Job, reply: Reply, rid: str, prompt: int, fault: Optional[Fault]
@@ -1071,10 +1096,19 @@ class CompletionsHandler(InferenceHandler):
         model = self.resolve_model(job, missing_status=404)
         if _find(model, opts.embedding_only_models):
             raise OllamaError(400, f'"{job.model}" does not support generate')
+        if job.suffix and not _find(model, opts.insert_models):
+            raise OllamaError(400, "does not support insert")  # a capability check, before the load answer
         natural, fault = self.steer(job.steer_text, queued)
         if not await self.before_answer(fault):
             return
-        if job.prompt:
+        if job.prompt and job.suffix:
+            # The template's fill-in-the-middle branch instead of a chat turn (qwen2.5-coder:
+            # <|fim_prefix|>{prompt}<|fim_suffix|>{suffix}<|fim_middle|>, three special tokens).
+            counts = await self.state.tokens.count_many(model, [job.prompt, job.suffix])
+            prompt = sum(counts) + 3 + opts.prompt_token_skew
+            pad = fault.arg if fault is not None and fault.name == "huge" else 0
+            reply = plan_reply(natural, job.max_tokens, pad)
+        elif job.prompt:
             prompt = await self.state.tokens.text_prompt(model, job.prompt) + opts.prompt_token_skew
             pad = fault.arg if fault is not None and fault.name == "huge" else 0
             reply = plan_reply(natural, job.max_tokens, pad)

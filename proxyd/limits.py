@@ -19,6 +19,9 @@ Money is integer nano-USD (1e-9 USD). Amounts are ``[requests, tokens, cost_nusd
 from __future__ import annotations
 
 import calendar
+import logging
+import math
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,8 +31,20 @@ from typing import Any, Callable
 from .errors import InvalidRequest, QuotaExceeded, RateLimited
 from .modelname import canonical_keys
 
+log = logging.getLogger("proxyd.limits")
+
 NANO = 10**9
+# The largest count limit (requests, tokens, concurrency): 2**53 - 1, the largest integer every JSON
+# reader holds exactly (JavaScript's Number, Go's float64 — in which a client sees the limit shown back)
+# and far beyond any quota (9e15 tokens). A JSON number past 64 bits reaches proxyd as a float already
+# rounded (orjson), so only a bound below 2**53 can promise that the limit stored is the limit written.
+MAX_COUNT = 2**53 - 1
+# The largest USD amount: a bill no one runs up, whose nano-USD (1e21) is still an exact integer here.
+# USD is shown as a decimal string, which every reader holds exactly.
 MAX_USD = Decimal(10**12)
+# A USD amount written as a string: digits, and at most 9 decimals (nano-USD, the unit kept). No sign,
+# exponent, spaces, "_" or non-ASCII digits, which Decimal() and float() would all take.
+_USD_TEXT = re.compile(r"[0-9]+(?:\.[0-9]{1,9})?")
 
 # name -> (metric index into an amount [requests, tokens, cost], window)
 LIMIT_FIELDS: dict[str, tuple[int, str]] = {
@@ -69,7 +84,7 @@ def parse_limits(raw: Any, where: str, *, allow_models: bool = True, stored: boo
                 raise InvalidRequest(f"{where}.models must be an object of model -> limits", param=f"{where}.models")
             # Parsed under the names the client wrote (errors name them), then keyed as requests are
             # looked up: by canonical model name (proxyd/modelname.py).
-            parsed = {m: parse_limits(v, f"{where}.models.{m}", allow_models=False) for m, v in value.items()}
+            parsed = {m: parse_limits(v, f"{where}.models.{m}", allow_models=False, stored=stored) for m, v in value.items()}
             try:
                 out["models"] = canonical_keys(parsed, f"{where}.models", per_model=True, keep_last=stored)
             except ValueError as exc:
@@ -78,30 +93,84 @@ def parse_limits(raw: Any, where: str, *, allow_models: bool = True, stored: boo
         if name not in LIMIT_FIELDS:
             known = ", ".join(sorted(LIMIT_FIELDS))
             raise InvalidRequest(f"{where}: unknown limit '{name}' (known: {known})", param=f"{where}.{name}")
-        out[name] = _parse_amount(name, value, f"{where}.{name}")
+        out[name] = _parse_amount(name, value, f"{where}.{name}", stored)
     return out
 
 
-def _parse_amount(name: str, value: Any, where: str) -> int | None:
+def _parse_amount(name: str, value: Any, where: str, stored: bool = False) -> int | None:
+    """One limit value: ``None`` (unlimited), a whole number of requests/tokens, or USD -> nano-USD.
+
+    Counts are JSON integers from 0 to MAX_COUNT (an integral float such as ``1e3`` too: JSON has one
+    number type); USD is a JSON number or a decimal string of at most 9 decimals, from 0 to MAX_USD.
+    Values stored by an older proxyd that this refuses are read as it read them, clamped to the
+    maximum, with a warning: refusing them would stop the start."""
+    try:
+        return _usd(value, where) if name.endswith("_usd") else _count(value, where)
+    except InvalidRequest as exc:
+        if not stored:
+            raise
+        legacy = _legacy_amount(name, value)
+        if legacy is None:
+            raise
+        log.warning("%s; the stored value is read as %s (set the limit again to fix it)", exc.message, legacy)
+        return legacy
+
+
+def _count(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{where} must be a whole number (0 to {MAX_COUNT}) or null", param=where)
+    if isinstance(value, float) and not value.is_integer():  # NaN and infinity are not integers either
+        raise InvalidRequest(f"{where} must be a whole number (0 to {MAX_COUNT}), not {value!r}", param=where)
+    if value < 0:
+        raise InvalidRequest(f"{where} must be >= 0", param=where)
+    if value > MAX_COUNT:
+        # Also what a JSON integer past 64 bits becomes: orjson reads it as an already-rounded float.
+        raise InvalidRequest(f"{where} must be at most {MAX_COUNT} (use null for no limit)", param=where)
+    return int(value)
+
+
+def _usd(value: Any, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidRequest(f"{where} must be a number or null", param=where)
-    if name.endswith("_usd"):
-        try:
-            usd = Decimal(str(value))
-        except InvalidOperation:
-            raise InvalidRequest(f"{where} must be a number or null", param=where) from None
-        if not usd.is_finite() or usd < 0:
-            raise InvalidRequest(f"{where} must be >= 0", param=where)
-        if usd > MAX_USD:
-            raise InvalidRequest(f"{where} must be at most {MAX_USD}", param=where)
-        return int(usd.scaleb(9))
-    if isinstance(value, str) or (isinstance(value, float) and not value.is_integer()):
-        raise InvalidRequest(f"{where} must be a whole number or null", param=where)
-    if value < 0:
+        raise InvalidRequest(f"{where} must be an amount of USD (a number or a decimal string such as \"12.50\") or null",
+                             param=where)
+    if isinstance(value, str):
+        if not _USD_TEXT.fullmatch(value):
+            raise InvalidRequest(
+                f"{where} must be a decimal amount of USD such as \"12.50\" (digits, at most 9 decimals), not {value!r}",
+                param=where)
+        usd = Decimal(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"{where} must be a finite amount of USD", param=where)
+    else:
+        # repr: the shortest decimal that reads back as this float, i.e. the number as the client wrote it.
+        usd = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    if usd < 0:
         raise InvalidRequest(f"{where} must be >= 0", param=where)
-    return int(value)
+    if usd > MAX_USD:
+        raise InvalidRequest(f"{where} must be at most {MAX_USD} USD (use null for no limit)", param=where)
+    nusd = usd.scaleb(9)
+    if nusd != nusd.to_integral_value():
+        raise InvalidRequest(f"{where} has more than 9 decimals (the unit kept is 1e-9 USD)", param=where)
+    return int(nusd)
+
+
+def _legacy_amount(name: str, value: Any) -> int | None:
+    """What proxyd before issue #12 made of a stored value (None if it refused it too), within range."""
+    try:
+        if name.endswith("_usd"):
+            usd = Decimal(str(value))
+            if not usd.is_finite() or usd < 0:
+                return None
+            return int(min(usd, MAX_USD).scaleb(9))
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and value >= 0:
+            return min(int(value), MAX_COUNT)
+    except (InvalidOperation, ValueError, OverflowError):
+        pass
+    return None
 
 
 def merge(*layers: Limits) -> Limits:

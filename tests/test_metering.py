@@ -721,7 +721,10 @@ def test_untagged_config_keys_cover_a_family_and_tagged_keys_one_model():
     assert prices.price(canonical("llama3.2")) == (5 * 10**9, 0)  # llama3.2:latest exactly
     assert prices.price(canonical("llama3.2:1b")) == (1 * 10**9, 0)  # another tag: not that key's
     assert prices.price(canonical("moondream:latest")) == (7 * 10**9, 0)  # the family key covers every tag
-    assert canonical("hf.co/Org/Model:Q4") == "hf.co/org/model:q4" and canonical("localhost:5000/m") == "localhost:5000/m:latest"
+    assert canonical("hf.co/Org/Model:Q4") == "hf.co/org/model:q4"
+    assert canonical("localhost:5000/ns/m") == "localhost:5000/ns/m:latest"
+    # Two parts are namespace/model in Ollama's grammar, and ':' is not a namespace character: refused.
+    assert canonical("localhost:5000/m") == ""
     with pytest.raises(ConfigError, match="as 'default'"):
         PriceTable({"Default": {"input_per_million_usd": 1, "output_per_million_usd": 1}})
     # Overrides stored before names were folded must not stop a restart: the later key applies.

@@ -441,10 +441,12 @@ def test_image_sent_to_a_text_only_model_is_a_client_error(world):
 
 
 def test_model_path_parameter_is_escaped_upstream(world):
-    """GET /v1/models/{model}: the decoded name goes upstream percent-encoded, so '?' and '#' in it stay
-    part of the name instead of starting a query or fragment of Ollama's URL."""
+    """GET /v1/models/{model}: '?' and '#' in a decoded name never start a query or fragment of Ollama's
+    URL. They are not model-name characters, so the name is refused as Ollama refuses it (400 "invalid
+    model name", issue #12 item 6) before any upstream URL is built; a valid name goes percent-encoded."""
     key = world.new_user("u")
     for quoted, name in (("a%3Fb", "a?b"), ("a%23b", "a#b"), ("a%3Fb%3Dc%26d", "a?b=c&d")):
         r = world.get("/v1/models/" + quoted, key)
-        assert r.status_code == 404, r.text
+        assert r.status_code == 400, r.text
         assert f"'{name}'" in _envelope(r)["message"], r.text
+    assert not any(q["path"].startswith("/v1/models/") for q in world.emu.requests)

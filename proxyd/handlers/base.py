@@ -164,9 +164,12 @@ class BaseHandler(tornado.web.RequestHandler):
         raw = b"".join(self._body_parts)
         if not raw or raw.isspace():
             raise InvalidRequest("Request body is empty; expected a JSON object.")
+        too_deep = f"Request body is nested too deeply (more than {jsonio.MAX_DEPTH} levels of arrays and objects)."
         try:
             body = jsonio.loads(raw)
         except jsonio.JSONDecodeError as exc:
+            if "depth limit exceeded" in str(exc):  # orjson's own limit, 1,024
+                raise InvalidRequest(too_deep) from None
             if "surrogate in string" in str(exc):  # a \\uXXXX escape of a lone surrogate is not Unicode text
                 raise InvalidRequest("Request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).") from None
             if "not valid UTF-8" in str(exc):
@@ -174,6 +177,8 @@ class BaseHandler(tornado.web.RequestHandler):
             raise InvalidRequest(f"Request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise InvalidRequest("Request body must be a JSON object.")
+        if jsonio.too_deep(raw, body):  # parsed, but could not be forwarded (jsonio.MAX_DEPTH)
+            raise InvalidRequest(too_deep)
         return body
 
     # -- auth ----------------------------------------------------------------------------------------

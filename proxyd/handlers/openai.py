@@ -21,8 +21,9 @@ from urllib.parse import quote
 from tornado.iostream import StreamClosedError
 
 from .. import jsonio, validate
-from ..errors import ProxyError, UpstreamError, UpstreamUnavailable, openai_type_for_status
+from ..errors import InvalidRequest, NotFound, ProxyError, UpstreamError, UpstreamUnavailable, openai_type_for_status
 from ..meter import Ticket, Usage
+from ..modelname import canonical, why_invalid
 from ..sse import DONE, SSEParser, event
 from .base import BaseHandler, ClientGone
 
@@ -415,7 +416,7 @@ class CompletionsHandler(ProxyHandler):
     async def post(self) -> None:
         body = self.json_body()
         model, stream, include_usage = validate.completions(body)
-        prompt = await self.ctx.tokens.text_prompt(model, body["prompt"])
+        prompt = await self.ctx.tokens.text_prompt(model, body["prompt"], body.get("suffix"))
         await self.proxy(body, model=model, stream=stream, include_usage=include_usage, prompt_tokens=prompt)
 
 
@@ -460,7 +461,18 @@ class ModelsHandler(BaseHandler):
         self.authenticate_user()
 
     async def get(self, model: str | None = None) -> None:
-        path = "/v1/models" + (f"/{quote(model, safe=':/@')}" if model else "")
+        path = "/v1/models"
+        if model is not None:
+            # The name is one path segment of Ollama's route (gin matches /v1/models/:model on the
+            # decoded path), so a name with "/" — hf.co/org/m, ../../api/version, ..%2fapi — is no route
+            # there: 404, without asking. Anything else must be a name Ollama accepts (400 otherwise, as
+            # Ollama answers) and is sent percent-encoded whole, so no part of it can become a path
+            # segment of its own ("..") and leave the route.
+            if "/" in model:
+                raise NotFound(f"The model '{model}' does not exist", code="model_not_found")
+            if not canonical(model):
+                raise InvalidRequest(f"invalid model name {model!r}: {why_invalid(model)}", param="model")
+            path += "/" + quote(model, safe="")
         resp = await self.ctx.upstream.request("GET", path)
         raw = await resp.read()
         if resp.status != 200:
