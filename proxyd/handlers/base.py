@@ -193,7 +193,11 @@ class BaseHandler(tornado.web.RequestHandler):
     def log_exception(self, typ, value, tb) -> None:
         # Typed errors are answers, not failures: log them as one line, without a traceback.
         if isinstance(value, ProxyError):
-            log.debug("%s %s -> %d %s", self.request.method, self.request.path, value.status, value.message)
+            if value.detail:  # what the client must not see (internal addresses): for the operator
+                log.warning("%s %s %s -> %d %s (%s)", self.request_id, self.request.method, self.request.path,
+                            value.status, value.message, value.detail)
+            else:
+                log.debug("%s %s -> %d %s", self.request.method, self.request.path, value.status, value.message)
         elif isinstance(value, (StreamClosedError, ClientGone)):
             log.debug("client went away: %s %s", self.request.method, self.request.path)
         else:

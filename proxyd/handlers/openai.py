@@ -24,6 +24,7 @@ from .. import jsonio, validate
 from ..errors import ProxyError, UpstreamError, UpstreamUnavailable, openai_type_for_status
 from ..meter import Ticket, Usage
 from ..sse import DONE, SSEParser, event
+from ..upstream import without_addresses
 from .base import BaseHandler, ClientGone
 
 log = logging.getLogger("proxyd.proxy")
@@ -228,8 +229,8 @@ class ProxyHandler(BaseHandler):
             raise UpstreamUnavailable("Upstream sent an event that is not a JSON object.")
         if "error" in doc:
             err = doc["error"]
-            message = err.get("message") if isinstance(err, dict) else str(err)
-            raise UpstreamError(f"Upstream error mid-stream: {message}", status=502)
+            message = str(err.get("message") if isinstance(err, dict) else err)
+            raise UpstreamError(f"Upstream error mid-stream: {without_addresses(message)}", status=502, detail=message)
         self.collect_text(doc, outcome)
         outcome.last_event = doc
         usage = doc.get("usage")
@@ -381,11 +382,16 @@ def upstream_error(status: int, raw: bytes) -> ProxyError:
     except (ValueError, KeyError, TypeError):
         text = raw.decode("utf-8", "replace").strip()[:300]
         message = f"Upstream returned HTTP {status}" + (f": {text}" if text else " with an empty body.")
+    # Ollama's runner errors name the runner's URL ('Post "http://127.0.0.1:39123/completion": EOF'):
+    # the client gets the message without addresses, the log the original (see BaseHandler.log_exception).
+    public = without_addresses(message)
+    detail = message if public != message else None
+    message = public
     if status == 500 and "missing data required for image input" in message:
         # Ollama's answer to an image sent to a model without vision: the client's mistake, not a crash.
         return UpstreamError("This model does not accept images (" + message + ").", status=400,
                              type="invalid_request_error", param="messages")
-    return UpstreamError(message, status=status, type=kind, code=code, param=param, headers=headers)
+    return UpstreamError(message, status=status, type=kind, code=code, param=param, headers=headers, detail=detail)
 
 
 # -- routes ---------------------------------------------------------------------------------------------
