@@ -56,16 +56,15 @@ class ProxyHandler(BaseHandler):
     id_prefix = ""
     chunk_object = ""  # the "object" of a stream event, e.g. "chat.completion.chunk"
 
-    def initialize(self, ctx) -> None:
-        # Here rather than in prepare(): write_error reads them, also when a request is refused before
-        # or in prepare() (405, auth).
-        super().initialize(ctx)
-        self._upstream_resp = None
-        self._waiting_task: asyncio.Task | None = None  # this handler's task while it waits for Ollama's headers
-        self._client_gone = False
-        self._cut_off: ProxyError | None = None  # set by cut_off(): the error this request ends with
-        self._cut_off_reason = ""
-        self._stalled_flush = None  # the flush being waited for while the client's socket buffer is full
+    # Per-request state, defaults on the class (set on the instance when they change): no method call
+    # per request to set them, and write_error can read them also for a request refused before or in
+    # prepare() (405, auth).
+    _upstream_resp = None
+    _waiting_task: asyncio.Task | None = None  # this handler's task while it waits for Ollama's headers
+    _client_gone = False
+    _cut_off: ProxyError | None = None  # set by cut_off(): the error this request ends with
+    _cut_off_reason = ""
+    _stalled_flush = None  # the flush being waited for while the client's socket buffer is full
 
     def prepare(self) -> None:
         super().prepare()
@@ -168,9 +167,8 @@ class ProxyHandler(BaseHandler):
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
 
     async def open_upstream(self, body: dict[str, Any]):
-        stop = self._interrupted()
-        if stop is not None:  # left or cut off while images were fetched or the prompt counted: void
-            raise stop
+        if self._client_gone or self._cut_off is not None:
+            raise self._interrupted()  # left or cut off while images were fetched or the prompt counted: void
         started = time.perf_counter()
         # While this await waits for Ollama's headers, on_connection_close may cancel this very task
         # (cheaper than running the request as a task of its own: no second task per request). The
@@ -192,10 +190,9 @@ class ProxyHandler(BaseHandler):
         if self.ctx.metrics is not None:
             self.ctx.metrics.upstream_first_byte(self.endpoint, time.perf_counter() - started)
         self._upstream_resp = resp
-        stop = self._interrupted()
-        if stop is not None:
+        if self._client_gone or self._cut_off is not None:
             resp.abort()
-            raise stop
+            raise self._interrupted()
         if resp.status != 200:
             raise upstream_error(resp.status, await resp.read())
         return resp
@@ -314,7 +311,7 @@ class ProxyHandler(BaseHandler):
         flushed = self.flush()
         try:
             if flushed.done():
-                flushed.result()
+                await flushed  # no suspension: raises StreamClosedError if the client is gone
             else:
                 await self._wait_for_client(flushed)
         except StreamClosedError:
