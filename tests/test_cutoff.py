@@ -206,11 +206,11 @@ def test_revoking_a_key_or_disabling_a_user_ends_its_stream_within_a_second(make
             if ch.choices and ch.choices[0].delta.content:
                 got.append(ch.choices[0].delta.content)
             if len(got) == 5 and cut is None:
+                cut = time.monotonic()  # the second counts from the admin request
                 if how == "revoke_key":
                     assert world.admin("DELETE", f"/admin/keys/{key_id}").status_code == 204
                 else:
                     assert world.admin("PATCH", "/admin/users/alice", {"disabled": True}).status_code == 200
-                cut = time.monotonic()
     took = time.monotonic() - cut
     assert took < 1.0, took
     expected = ("This API key was revoked.", "invalid_api_key", 401) if how == "revoke_key" else (
