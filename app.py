@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from proxyd.config import ConfigError, describe, load_config
 from proxyd.connections import ADMIN_MAX_CONNECTIONS, ProxydHTTPServer, connection_cap, raise_open_file_limit
+from proxyd.errors import ServiceUnavailable
 from proxyd.server import build_context, check_structures, make_app
 
 log = logging.getLogger("proxyd")
@@ -170,7 +171,16 @@ async def serve(config, *, demo: bool = False) -> int:
     while ctx.in_flight > 0 and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if ctx.in_flight:
-        log.warning("%d requests still running at the deadline; closing them", ctx.in_flight)
+        # Each request still running ends with an error event (or a 503 before its first byte) and a
+        # proper end of its response, billed for what it relayed; the access log says status 503 with
+        # cut_off "shutdown". Closing the connections instead would leave broken transfers, logged as
+        # clients gone. A moment to write those ends; then whatever is left is closed.
+        told = ctx.cut_off(lambda: ServiceUnavailable("proxyd is shutting down; the response was cut off."),
+                           "shutdown")
+        log.warning("%d requests still running at the deadline; ending %d of them with an error", ctx.in_flight, told)
+        end = loop.time() + 2.0
+        while ctx.in_flight > 0 and loop.time() < end:
+            await asyncio.sleep(0.01)
     for s in servers:
         await s.close_all_connections()
     await asyncio.sleep(0)  # let aborted handlers reach their settle/void

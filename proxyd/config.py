@@ -39,6 +39,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.max_body_bytes", int, 20 * MIB, "Largest request body accepted (413 above); images are big."),
     Setting("server.body_timeout_s", float, 60.0, "Time a client may take to send its request body."),
     Setting("server.idle_connection_timeout_s", float, 120.0, "Close client connections idle this long."),
+    Setting(
+        "server.write_stall_timeout_s",
+        float,
+        30.0,
+        "A client that takes none of a response for this long (stopped reading) is cut off: the upstream "
+        "request is dropped, freeing Ollama's slot, and what was relayed is billed.",
+    ),
     Setting("server.max_connections_per_key", int, 256, "Concurrent requests one API key may hold open."),
     Setting(
         "server.max_connections",

@@ -29,9 +29,12 @@ class ProxyError(Exception):
         status: int | None = None,
         type: str | None = None,
         headers: dict[str, str] | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        # What only the log gets (with the request id): internal addresses, the underlying exception.
+        self.detail = detail
         self.param = param
         if code is not None:
             self.code = code

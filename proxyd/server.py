@@ -46,7 +46,16 @@ class Context:
     in_flight: int = 0
     shutting_down: bool = False
     demo: bool = False  # app.py --demo: the upstream is the bundled emulator
-    open_per_key: dict[str, int] = field(default_factory=dict)
+    open_per_key: dict[str, set] = field(default_factory=dict)  # key id -> its open handlers (base.py)
+
+    def cut_off(self, make_error: Callable[[], Any], reason: str, key_ids: Any = None) -> int:
+        """Ends the running requests of ``key_ids`` (all keys if None) with a fresh ``make_error()`` each;
+        returns how many were told. Used by the admin API (revoked key, disabled user) and the shutdown."""
+        groups = self.open_per_key.items() if key_ids is None else ((k, self.open_per_key.get(k, ())) for k in key_ids)
+        handlers = [h for _key, group in groups for h in group]  # copied: handlers leave the sets as they end
+        for handler in handlers:
+            handler.cut_off(make_error(), reason)
+        return len(handlers)
 
     def model_spec(self, model: str) -> dict[str, Any]:
         return self.tokens.spec(model)

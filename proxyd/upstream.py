@@ -7,19 +7,39 @@ check happy (it answers 403 to a non-local Host when it listens on loopback), ne
 client's Authorization, and leaves no hop-by-hop header to strip.
 
 Timeouts: connect; first byte (generous: a cold model load takes minutes); the idle gap between two
-chunks of a stream. Any failure becomes a typed error: unreachable -> 502 naming the URL, timeout -> 504.
+chunks of a stream. Any failure becomes a typed error: unreachable -> 502, timeout -> 504. The client's
+message never names the upstream (its URL, host or port are internal addresses, and the exception text
+aiohttp gives names them too): those go into the error's ``detail``, which is logged with the request id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
 
 from . import jsonio
 from .errors import UpstreamTimeout, UpstreamUnavailable
+
+
+# Addresses inside a message that Ollama passes on: its runner errors name the runner's own URL
+# ('Post "http://127.0.0.1:39123/completion": EOF'), a front proxy may name its backends. Only on the
+# error path, so the cost of a regex does not matter.
+_ADDRESS = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+"  # URLs
+    r"|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?"  # [IPv6]:port
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d{1,5})?\b"  # IPv4[:port]
+    r"|\b(?:localhost|(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}):\d{1,5}\b"  # host:port
+)
+
+
+def without_addresses(text: str) -> str:
+    """``text`` with every URL, IP address and host:port replaced by ``<upstream>``."""
+    return _ADDRESS.sub("<upstream>", text)
 
 
 class Upstream:
@@ -69,14 +89,17 @@ class Upstream:
             async with asyncio.timeout(self.first_byte_timeout_s):
                 resp = await self.session.request(method, self.base_url + path, data=data, headers=headers)
         except TimeoutError:
-            raise UpstreamTimeout(
-                f"Upstream {self.base_url} sent no response within {self.first_byte_timeout_s:g}s."
-            ) from None
+            raise UpstreamTimeout(f"Upstream sent no response within {self.first_byte_timeout_s:g}s.",
+                                  detail=f"{method} {self.base_url}{path}") from None
         except aiohttp.ClientConnectorError as exc:
-            reason = getattr(exc.os_error, "strerror", None) or str(exc)
-            raise UpstreamUnavailable(f"Upstream {self.base_url} is unreachable: {reason}.") from None
+            # The errno's text ("Connection refused") says what happened without saying where (asyncio's
+            # strerror, "Connect call failed ('127.0.0.1', 11434)", says both).
+            code = getattr(exc.os_error, "errno", None)
+            reason = os.strerror(code) if code else None
+            raise UpstreamUnavailable("Upstream is unreachable" + (f": {reason}." if reason else "."),
+                                      detail=f"{self.base_url}: {exc!r}") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(f"Connection to upstream {self.base_url} failed: {exc!r}.") from None
+            raise UpstreamUnavailable("Connection to upstream failed.", detail=f"{self.base_url}: {exc!r}") from None
         return UpstreamResponse(self, resp)
 
     async def health(self) -> tuple[bool, str]:
@@ -145,9 +168,10 @@ class UpstreamResponse:
         try:
             yield
         except TimeoutError:
-            raise UpstreamTimeout(f"Upstream {self._up.base_url} went silent for {self._up.idle_timeout_s:g}s.") from None
+            raise UpstreamTimeout(f"Upstream went silent for {self._up.idle_timeout_s:g}s.",
+                                  detail=self._up.base_url) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamUnavailable(f"Connection to upstream {self._up.base_url} lost: {exc!r}.") from None
+            raise UpstreamUnavailable("Connection to upstream lost.", detail=f"{self._up.base_url}: {exc!r}") from None
 
     def release(self) -> None:
         """Returns the connection to the pool (body fully read)."""

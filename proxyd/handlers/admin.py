@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from .. import reports
-from ..errors import InvalidRequest
+from ..errors import AuthError, InvalidRequest, PermissionDenied
 from ..limits import parse_limits, to_api
 from .base import BaseHandler
 from .usage import day_range, invoice_period, usage_query
@@ -61,6 +61,12 @@ class UserHandler(AdminHandler):
         if set(body) != {"disabled"} or not isinstance(body["disabled"], bool):
             raise InvalidRequest("PATCH takes exactly {\"disabled\": true|false}", param="disabled")
         user = await self.ctx.accounts.set_disabled(user_id, body["disabled"])
+        if user.disabled:
+            # New requests get 403 from authenticate(); the running ones (a long stream) end now too,
+            # billed for what they relayed, with the same error in the stream.
+            keys = [k.key_id for k in self.ctx.accounts.keys_of(user_id)]
+            self.ctx.cut_off(lambda: PermissionDenied(f"User {user_id} is disabled.", code="user_disabled"),
+                             "user_disabled", keys)
         self.send_json(self.user_view(user))
 
 
@@ -73,6 +79,8 @@ class UserKeysHandler(AdminHandler):
 class KeyHandler(AdminHandler):
     async def delete(self, key_id: str) -> None:
         await self.ctx.accounts.revoke_key(key_id)
+        # New requests get 401 from authenticate(); the running ones end now, billed for what they relayed.
+        self.ctx.cut_off(lambda: AuthError("This API key was revoked."), "key_revoked", [key_id])
         self.set_status(204)
         self.clear_header("Content-Type")
         self.finish()

@@ -189,12 +189,16 @@ class BaseHandler(tornado.web.RequestHandler):
         self.log_fields["key_id"] = self.caller.key_id
         # A cap on open requests per key, before any limit or upstream work: one key (or a stolen one)
         # cannot hold all of the proxy's connections.
+        # The same registry (key id -> its open handlers) lets the admin API and the shutdown reach a
+        # key's running requests (``cut_off``); adding and removing is O(1).
         key_id, cap = self.caller.key_id, self.ctx.config["server.max_connections_per_key"]
-        open_now = self.ctx.open_per_key.get(key_id, 0)
-        if open_now >= cap:
-            raise RateLimited(f"Too many open requests on this API key ({open_now}, the cap is {cap}).",
+        open_now = self.ctx.open_per_key.get(key_id)
+        if open_now is None:
+            open_now = self.ctx.open_per_key[key_id] = set()
+        elif len(open_now) >= cap:
+            raise RateLimited(f"Too many open requests on this API key ({len(open_now)}, the cap is {cap}).",
                               headers={"Retry-After": "1", "retry-after-ms": "1000"})
-        self.ctx.open_per_key[key_id] = open_now + 1
+        open_now.add(self)
         self._key_slot = key_id
 
     def authenticate_admin(self) -> None:
@@ -240,10 +244,18 @@ class BaseHandler(tornado.web.RequestHandler):
         return [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE")
                 if getattr(type(self), m.lower()) is not getattr(base, m.lower())]
 
+    def cut_off(self, error: ProxyError, reason: str) -> None:
+        """Ends this request from outside (key revoked, user disabled, shutdown deadline) with ``error``.
+        Only requests that can run long (``ProxyHandler``) act on it; the others end on their own soon."""
+
     def log_exception(self, typ, value, tb) -> None:
         # Typed errors are answers, not failures: log them as one line, without a traceback.
         if isinstance(value, ProxyError):
-            log.debug("%s %s -> %d %s", self.request.method, self.request.path, value.status, value.message)
+            if value.detail:  # what the client must not see (internal addresses): for the operator
+                log.warning("%s %s %s -> %d %s (%s)", self.request_id, self.request.method, self.request.path,
+                            value.status, value.message, value.detail)
+            else:
+                log.debug("%s %s -> %d %s", self.request.method, self.request.path, value.status, value.message)
         elif isinstance(value, (StreamClosedError, ClientGone)):
             log.debug("client went away: %s %s", self.request.method, self.request.path)
         else:
@@ -265,10 +277,9 @@ class BaseHandler(tornado.web.RequestHandler):
             self._counted = False
             self.ctx.in_flight -= 1
         if getattr(self, "_key_slot", None) is not None:
-            left = self.ctx.open_per_key[self._key_slot] - 1
-            if left:
-                self.ctx.open_per_key[self._key_slot] = left
-            else:
+            left = self.ctx.open_per_key[self._key_slot]
+            left.discard(self)
+            if not left:
                 del self.ctx.open_per_key[self._key_slot]
             self._key_slot = None
 

@@ -7,13 +7,20 @@ One request's path, top to bottom (``ProxyHandler.proxy``):
       -> settle (awaited: durable before the last byte) -> last byte
     and in ``finally``: a reservation not settled by then is settled with what the client got
     (client gone mid-stream, upstream cut after output) or voided (nothing delivered).
+
+A running request can also be ended from outside (``cut_off``: key revoked, user disabled, shutdown
+deadline) or by a client that stops reading (``send``'s stall timeout); both end in the same
+``finally``, billed for what was relayed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import struct
+import termios
 import time
 from typing import Any
 from urllib.parse import quote
@@ -25,6 +32,7 @@ from ..errors import InvalidRequest, NotFound, ProxyError, UpstreamError, Upstre
 from ..meter import Ticket, Usage
 from ..modelname import canonical, why_invalid
 from ..sse import DONE, SSEParser, event
+from ..upstream import without_addresses
 from .base import BaseHandler, ClientGone
 
 log = logging.getLogger("proxyd.proxy")
@@ -49,12 +57,19 @@ class ProxyHandler(BaseHandler):
     id_prefix = ""
     chunk_object = ""  # the "object" of a stream event, e.g. "chat.completion.chunk"
 
+    # Per-request state, defaults on the class (set on the instance when they change): no method call
+    # per request to set them, and write_error can read them also for a request refused before or in
+    # prepare() (405, auth).
+    _upstream_resp = None
+    _waiting_task: asyncio.Task | None = None  # this handler's task while it waits for Ollama's headers
+    _client_gone = False
+    _cut_off: ProxyError | None = None  # set by cut_off(): the error this request ends with
+    _cut_off_reason = ""
+    _stalled_flush = None  # the flush being waited for while the client's socket buffer is full
+
     def prepare(self) -> None:
         super().prepare()
         self.authenticate_user()
-        self._upstream_resp = None
-        self._waiting_task: asyncio.Task | None = None  # this handler's task while it waits for Ollama's headers
-        self._client_gone = False
 
     def on_connection_close(self) -> None:
         # The client went away: drop the upstream connection so Ollama stops generating. Before
@@ -62,18 +77,41 @@ class ProxyHandler(BaseHandler):
         # come only after the whole generation); after them, aborting the response being relayed.
         super().on_connection_close()
         self._client_gone = True
-        task = getattr(self, "_waiting_task", None)
+        task = self._waiting_task
         if task is not None:
             task.cancel()  # lands in open_upstream's await, which turns it into ClientGone
-        if getattr(self, "_upstream_resp", None) is not None:
+        if self._upstream_resp is not None:
             self._upstream_resp.abort()
+
+    def cut_off(self, error: ProxyError, reason: str) -> None:
+        """Ends this request with ``error`` (an error event mid-stream, else a plain error answer),
+        billed for what was relayed. Dropping the upstream connection wakes the relay at once: the read
+        it waits in fails, and the failure becomes ``error`` (see ``_interrupted``)."""
+        if self._cut_off is not None or self._finished:
+            return
+        self._cut_off, self._cut_off_reason = error, reason
+        if self._waiting_task is not None:
+            self._waiting_task.cancel()  # still waiting for Ollama's headers: as in on_connection_close
+        if self._upstream_resp is not None:
+            self._upstream_resp.abort()  # harmless once the answer was read whole (released)
+        if self._stalled_flush is not None:
+            # Stuck writing to a client that does not read: no error event would get through either.
+            self.request.connection.close()
+
+    def _interrupted(self) -> BaseException | None:
+        """What ends the request when the relay fails because it was interrupted: the client left, or
+        proxyd cut it off. None: a genuine upstream failure."""
+        if self._cut_off is not None:
+            return self._cut_off
+        return ClientGone() if self._client_gone else None
 
     # -- the path ------------------------------------------------------------------------------------
 
     async def proxy(self, body: dict[str, Any], *, model: str, stream: bool, include_usage: bool, prompt_tokens: int) -> None:
         meter = self.ctx.meter
         requested = validate.max_tokens(body)
-        budget, is_default = self.completion_budget(model, prompt_tokens, requested)
+        budget, capped_by = self.completion_budget(model, prompt_tokens, requested)
+        self.log_fields.update(model=model, stream=stream)  # before admit: refusals are logged per model too
         ticket = meter.admit(
             caller=self.caller,
             model=model,
@@ -81,12 +119,16 @@ class ProxyHandler(BaseHandler):
             stream=stream,
             prompt_tokens=prompt_tokens,
             completion_tokens=budget,
-            completion_is_default=is_default,
+            completion_is_default=capped_by is not None,
             request_id=self.request_id,
         )
-        self.log_fields.update(model=model, stream=stream)
         for name, value in ticket.headers.items():
             self.set_header(name, value)
+        if capped_by is not None:
+            # proxyd chose max_tokens (the client sent none): say so, or an answer ending with
+            # finish_reason "length" would give no clue why. The meter may have shrunk it to the allowance.
+            self.set_header("x-proxyd-max-tokens", str(ticket.completion_tokens))
+            self.set_header("x-proxyd-max-tokens-reason", "allowance" if ticket.completion_tokens < budget else capped_by)
         self.forward_body(body, ticket, stream)
         outcome = Outcome()
         error: BaseException | None = None
@@ -102,17 +144,19 @@ class ProxyHandler(BaseHandler):
             if not ticket.ended:
                 await self.end_unsettled(ticket, outcome, error)
 
-    def completion_budget(self, model: str, prompt_tokens: int, requested: int | None) -> tuple[int, bool]:
-        """The completion tokens to reserve, and whether that is proxyd's default (may be shrunk)."""
+    def completion_budget(self, model: str, prompt_tokens: int, requested: int | None) -> tuple[int, str | None]:
+        """The completion tokens to reserve, and None if the client chose them, else what proxyd's
+        budget came from: "default" or "context_window" (the meter may shrink it further)."""
         if requested is not None:
-            return requested, False
+            return requested, None
         spec = self.ctx.model_spec(model)
         room = spec["context_window"] - prompt_tokens
         default = spec.get("default_max_tokens") or self.ctx.config["estimate.default_max_tokens"]
         # Not below min_completion_tokens even when the prompt (nearly) fills the context window: that
         # window is proxyd's guess, and Ollama itself truncates an overlong prompt and answers normally,
         # so a budget of 1 would only cut the answer to one token.
-        return min(default, max(self.ctx.config["estimate.min_completion_tokens"], room)), True
+        budget = min(default, max(self.ctx.config["estimate.min_completion_tokens"], room))
+        return budget, "default" if budget == default else "context_window"
 
     def forward_body(self, body: dict[str, Any], ticket: Ticket, stream: bool) -> None:
         """What Ollama gets: max_tokens = the reserved budget, so the reservation stays an upper bound
@@ -124,8 +168,8 @@ class ProxyHandler(BaseHandler):
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
 
     async def open_upstream(self, body: dict[str, Any]):
-        if self._client_gone:  # left while images were fetched or the prompt counted: nothing to do, void
-            raise ClientGone()
+        if self._client_gone or self._cut_off is not None:
+            raise self._interrupted()  # left or cut off while images were fetched or the prompt counted: void
         started = time.perf_counter()
         # While this await waits for Ollama's headers, on_connection_close may cancel this very task
         # (cheaper than running the request as a task of its own: no second task per request). The
@@ -134,21 +178,22 @@ class ProxyHandler(BaseHandler):
         try:
             resp = await self.ctx.upstream.request("POST", self.upstream_path, body)
         except asyncio.CancelledError:
-            if not self._client_gone:
-                raise  # a cancel from elsewhere (shutdown): not ours to swallow
+            stop = self._interrupted()
+            if stop is None:
+                raise  # a cancel from elsewhere: not ours to swallow
             # Voided (end_unsettled): nothing was delivered, and whether Ollama evaluated the prompt is
             # unknown (the request may have waited in the pool, or in Ollama's queue behind others).
-            raise ClientGone() from None
+            raise stop from None
         finally:
             self._waiting_task = None
-            if self._client_gone and task.cancelling():
+            if (self._client_gone or self._cut_off is not None) and task.cancelling():
                 task.uncancel()  # our cancel, handled here (even if it was swallowed): later timeouts work
         if self.ctx.metrics is not None:
             self.ctx.metrics.upstream_first_byte(self.endpoint, time.perf_counter() - started)
         self._upstream_resp = resp
-        if self._client_gone:
+        if self._client_gone or self._cut_off is not None:
             resp.abort()
-            raise ClientGone()
+            raise self._interrupted()
         if resp.status != 200:
             raise upstream_error(resp.status, await resp.read())
         return resp
@@ -160,8 +205,9 @@ class ProxyHandler(BaseHandler):
         try:
             raw = await resp.read()
         except ProxyError:
-            if self._client_gone:
-                raise ClientGone() from None
+            stop = self._interrupted()
+            if stop is not None:
+                raise stop from None
             raise
         try:
             doc = jsonio.loads(raw)
@@ -200,8 +246,9 @@ class ProxyHandler(BaseHandler):
                 if done:
                     break
         except ProxyError:
-            if self._client_gone:
-                raise ClientGone() from None
+            stop = self._interrupted()
+            if stop is not None:
+                raise stop from None
             raise
         finally:
             # Done: the connection goes back to the pool. Otherwise (client gone, upstream broken) drop it,
@@ -229,8 +276,8 @@ class ProxyHandler(BaseHandler):
             raise UpstreamUnavailable("Upstream sent an event that is not a JSON object.")
         if "error" in doc:
             err = doc["error"]
-            message = err.get("message") if isinstance(err, dict) else str(err)
-            raise UpstreamError(f"Upstream error mid-stream: {message}", status=502)
+            message = str(err.get("message") if isinstance(err, dict) else err)
+            raise UpstreamError(f"Upstream error mid-stream: {without_addresses(message)}", status=502, detail=message)
         self.collect_text(doc, outcome)
         outcome.last_event = doc
         usage = doc.get("usage")
@@ -252,15 +299,56 @@ class ProxyHandler(BaseHandler):
         return with_our_id(data, doc, our_id)
 
     async def send(self, data: bytes) -> None:
-        """Writes and waits for the client to take it (backpressure); raises ClientGone."""
+        """Writes and waits for the client to take it (backpressure); raises ClientGone.
+
+        A client that stops reading would otherwise hold this request, and Ollama's slot behind it, until
+        its connection dies: proxyd waits for it, so it stops reading Ollama, so Ollama's own timeouts
+        never fire. That wait is bounded (``_wait_for_client``). It is entered only when the flush did
+        not complete at once: Tornado's flush future is already done whenever the socket buffer took the
+        bytes, as it does for nearly every event, so the usual cost is one ``done()`` call."""
         if self._client_gone:
             raise ClientGone()
         self.write(data)
+        flushed = self.flush()
         try:
-            await self.flush()
+            if flushed.done():
+                await flushed  # no suspension: raises StreamClosedError if the client is gone
+            else:
+                await self._wait_for_client(flushed)
         except StreamClosedError:
             self._client_gone = True
-            raise ClientGone() from None
+            raise self._cut_off or ClientGone() from None  # cut off while stuck: log it as that, not 499
+
+    async def _wait_for_client(self, flushed) -> None:
+        """Waits for a flush while the client's socket buffer is full. server.write_stall_timeout_s in
+        which the client took no byte ends the request: the upstream is dropped (Ollama's slot is free
+        again), the connection closed, and what was relayed is billed (end_unsettled). A slow client
+        that keeps reading keeps its stream: progress is the kernel's send queue shrinking (the client
+        acknowledged bytes) or Tornado handing the kernel more. The flush alone would not tell: the
+        kernel takes more only once half of its send buffer (up to 4 MB on Linux) is free again, which a
+        slow reader may take longer than the timeout to drain."""
+        stall = self.ctx.config["server.write_stall_timeout_s"]
+        stream = self.request.connection.stream
+        mark = _progress(stream)
+        self._stalled_flush = flushed
+        try:
+            while True:
+                await asyncio.wait((flushed,), timeout=stall)  # a timer and a callback, no task
+                if flushed.done():
+                    return flushed.result()
+                now = _progress(stream)
+                if not _advanced(mark, now):
+                    break
+                mark = now
+        finally:
+            self._stalled_flush = None
+        self._client_gone = True
+        self.log_fields["cut_off"] = "write_stall"
+        log.info("%s: the client took nothing for %gs; request ended", self.request_id, stall)
+        if self._upstream_resp is not None:
+            self._upstream_resp.abort()  # Ollama stops generating now
+        self.request.connection.close()
+        raise ClientGone()
 
     # -- settling -----------------------------------------------------------------------------------------
 
@@ -293,12 +381,14 @@ class ProxyHandler(BaseHandler):
         """The one exit for a reservation the relay did not settle."""
         meter = self.ctx.meter
         accepted = self._upstream_resp is not None and self._upstream_resp.status == 200
-        if outcome.delivered or (self._client_gone and accepted):
-            # The client got part of an answer, or left after Ollama took the request (200: the prompt
-            # was evaluated; an error answer, e.g. 404 for an unknown model, evaluated nothing): bill
-            # the prompt plus what was relayed (reported usage if it came, else counted).
+        cut_off = self._cut_off
+        if outcome.delivered or ((self._client_gone or cut_off is not None) and accepted):
+            # The client got part of an answer, or left (or was cut off) after Ollama took the request
+            # (200: the prompt was evaluated; an error answer, e.g. 404 for an unknown model, evaluated
+            # nothing): bill the prompt plus what was relayed (reported usage if it came, else counted).
+            status = cut_off.status if cut_off is not None else 499 if self._client_gone else 502
             try:
-                await meter.settle(ticket, await self.usage_of(ticket, outcome), http_status=499 if self._client_gone else 502)
+                await meter.settle(ticket, await self.usage_of(ticket, outcome), http_status=status)
             except Exception:
                 log.exception("settle after an interrupted request failed (%s)", ticket.request_id)
         else:
@@ -311,11 +401,16 @@ class ProxyHandler(BaseHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ClientGone):
             return
+        if exc is not None and exc is self._cut_off:
+            self.log_fields["cut_off"] = self._cut_off_reason  # proxyd ended it: "shutdown", "key_revoked", ...
         if self._headers_written:
             # Mid-stream: the status line is gone. End the stream with an error event (the openai SDK
             # raises APIError on it) and no [DONE], so no client mistakes it for a complete answer.
             err = exc if isinstance(exc, ProxyError) else ProxyError(f"Internal error in proxyd (request {self.request_id}).")
             self.log_fields["error"] = err.message
+            # The client saw 200 before the error; the access log, the metrics and the ledger row say how
+            # the request ended (503 at the shutdown deadline, 502 for a cut upstream, ...).
+            self.set_status(err.status)
             try:
                 self.write(event(json.dumps(err.body()).encode()))
                 self.finish()
@@ -338,6 +433,25 @@ class ProxyHandler(BaseHandler):
             self.write_error(status_code, **kwargs)  # mid-stream: error event, see write_error
             return
         super().send_error(status_code, **kwargs)
+
+
+def _progress(stream) -> tuple[int | None, int | None]:
+    """(bytes Tornado handed the kernel, bytes the kernel still holds for the client); None: unknown.
+    The first is a private counter of Tornado's IOStream, the second Linux's SIOCOUTQ (= TIOCOUTQ)."""
+    handed = getattr(stream, "_total_write_done_index", None)
+    try:
+        unsent = struct.unpack("i", fcntl.ioctl(stream.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, AttributeError, ValueError):
+        unsent = None
+    return handed, unsent
+
+
+def _advanced(before: tuple[int | None, int | None], after: tuple[int | None, int | None]) -> bool:
+    """Did the client take anything between two ``_progress`` readings? Without new bytes from Tornado
+    the kernel's queue only shrinks as the client acknowledges them."""
+    if before[0] is not None and after[0] != before[0]:
+        return True
+    return before[1] is not None and after[1] is not None and after[1] < before[1]
 
 
 def usage_chunk(last: dict[str, Any], usage: Usage, our_id: bytes) -> dict[str, Any]:
@@ -382,11 +496,16 @@ def upstream_error(status: int, raw: bytes) -> ProxyError:
     except (ValueError, KeyError, TypeError):
         text = raw.decode("utf-8", "replace").strip()[:300]
         message = f"Upstream returned HTTP {status}" + (f": {text}" if text else " with an empty body.")
+    # Ollama's runner errors name the runner's URL ('Post "http://127.0.0.1:39123/completion": EOF'):
+    # the client gets the message without addresses, the log the original (see BaseHandler.log_exception).
+    public = without_addresses(message)
+    detail = message if public != message else None
+    message = public
     if status == 500 and "missing data required for image input" in message:
         # Ollama's answer to an image sent to a model without vision: the client's mistake, not a crash.
         return UpstreamError("This model does not accept images (" + message + ").", status=400,
                              type="invalid_request_error", param="messages")
-    return UpstreamError(message, status=status, type=kind, code=code, param=param, headers=headers)
+    return UpstreamError(message, status=status, type=kind, code=code, param=param, headers=headers, detail=detail)
 
 
 # -- routes ---------------------------------------------------------------------------------------------
@@ -430,8 +549,8 @@ class EmbeddingsHandler(ProxyHandler):
         prompt = await self.ctx.tokens.embedding_input(model, inputs)
         await self.proxy(body, model=model, stream=False, include_usage=False, prompt_tokens=prompt)
 
-    def completion_budget(self, model: str, prompt_tokens: int, requested: int | None) -> tuple[int, bool]:
-        return 0, False
+    def completion_budget(self, model: str, prompt_tokens: int, requested: int | None) -> tuple[int, str | None]:
+        return 0, None
 
     def forward_body(self, body: dict[str, Any], ticket: Ticket, stream: bool) -> None:
         pass  # embeddings have no completion
@@ -441,7 +560,13 @@ class EmbeddingsHandler(ProxyHandler):
 
     async def relay_once(self, ticket: Ticket, body: dict[str, Any], outcome: Outcome) -> None:
         resp = await self.open_upstream(body)
-        raw = await resp.read()
+        try:
+            raw = await resp.read()
+        except ProxyError:
+            stop = self._interrupted()
+            if stop is not None:
+                raise stop from None
+            raise
         try:
             doc = jsonio.loads(raw)
             usage = doc.get("usage") or {}
