@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from proxyd.store import Additive, Upsert, _run_groups
+from proxyd.storage.sqlite_writer import Additive, Upsert, _run_groups
 
 
 def _db() -> sqlite3.Connection:
@@ -60,7 +60,7 @@ def test_a_ledger_scan_does_not_hold_up_reads(tmp_path):
     import asyncio
     import threading
 
-    from proxyd.store import Store
+    from proxyd.storage.sqlite import SQLiteStorage as Store
 
     async def go() -> None:
         store = Store(str(tmp_path / "ledger.db"))
