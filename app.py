@@ -16,14 +16,13 @@ import logging
 import os
 import secrets
 import signal
-import sqlite3
 import sys
-from urllib.parse import quote
 
 from proxyd.config import ConfigError, describe, load_config
 from proxyd.connections import ADMIN_MAX_CONNECTIONS, ProxydHTTPServer, connection_cap, raise_open_file_limit
 from proxyd.errors import ServiceUnavailable
 from proxyd.server import build_context, check_structures, make_app
+from proxyd.storage import StorageError
 
 log = logging.getLogger("proxyd")
 
@@ -80,14 +79,14 @@ async def serve(config, *, demo: bool = False) -> int:
 
     try:
         ctx = build_context(config)
-    except (sqlite3.Error, OSError) as exc:
+    except (StorageError, OSError) as exc:
         if emulator_server is not None:
             emulator_server.stop()
         path = config["database.path"]
         raise StartupError(f"cannot open the ledger at {path}: {exc} (does its directory exist and is it writable? "
                            "set database.path or PROXYD_DB)") from None
     ctx.demo = demo
-    ctx.store.bind_loop(loop)
+    ctx.ledger.bind_loop(loop)
     # Load the tokenizers now (~0.2 s for the Llama 3 ranks), not in the first client's request.
     for model in config["models"]:
         ctx.tokens.for_model(model)
@@ -186,7 +185,7 @@ async def serve(config, *, demo: bool = False) -> int:
     await asyncio.sleep(0)  # let aborted handlers reach their settle/void
     await ctx.upstream.close()
     await ctx.images.close()
-    await ctx.store.close()
+    await ctx.ledger.close()
     ctx.tokens.close()
     if emulator_server is not None:
         emulator_server.stop()
@@ -197,20 +196,19 @@ async def serve(config, *, demo: bool = False) -> int:
 async def _close_after_failed_start(ctx, emulator_server) -> None:
     await ctx.upstream.close()
     await ctx.images.close()
-    await ctx.store.close()
+    await ctx.ledger.close()
     ctx.tokens.close()
     if emulator_server is not None:
         emulator_server.stop()
 
 
 def check_ledger(config) -> int:
-    from proxyd.reports import consistency
+    from proxyd.storage.sqlite import check_file
 
     path = config["database.path"]
     try:  # read-only: a mistyped path must not leave an empty database behind
-        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
-        result = consistency(conn)
-    except sqlite3.Error as exc:
+        result = check_file(path)
+    except StorageError as exc:
         print(f"proxyd: cannot check the ledger at {path}: {exc} (is database.path / PROXYD_DB right?)", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -230,7 +230,10 @@ def descendants(pid: int) -> list[int]:
 PREFILL = r"""
 import os, sqlite3, sys
 from sqlite_utils import Database
-from proxyd.migrations import migrations
+try:
+    from proxyd.storage.sqlite_migrations import migrations
+except ImportError:  # trees before proxyd/storage/
+    from proxyd.migrations import migrations
 try:
     from proxyd.handlers.base import new_request_id
 except ImportError:  # trees before time-ordered ids

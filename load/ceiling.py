@@ -37,9 +37,9 @@ def seed_user(config_path: str, user_id: str, limits: dict, key_file: str) -> No
 
     async def run() -> str:
         ctx = build_context(load_config(config_path))
-        ctx.store.bind_loop(asyncio.get_running_loop())
+        ctx.ledger.bind_loop(asyncio.get_running_loop())
         _user, key, _key_id = await ctx.accounts.create_user(user_id, parse_limits(limits, "limits"), limits)
-        await ctx.store.close()
+        await ctx.ledger.close()
         return key
 
     Path(key_file).write_text(asyncio.run(run()))

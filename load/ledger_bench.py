@@ -8,7 +8,7 @@ a random leaf page of the key's B-tree, so each row of a group commit dirties a 
 SQLite writes to the WAL at COMMIT and again at checkpoint; once the index outgrows the page cache it
 must also be read back first. Ids that begin with the time (``proxyd.handlers.base.new_request_id``)
 append at the right edge instead. This measures both on the real schema (proxyd's migrations), with the
-writer's own statements and chunking (``proxyd.store.Upsert.statements``, one daily aggregate per
+writer's own statements and chunking (``proxyd.storage.sqlite_writer.Upsert.statements``, one daily aggregate per
 commit), in a temp directory, single-threaded: CPU (process time) and wall time per row. No proxy, no
 HTTP: the writer thread's work alone.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from proxyd.handlers.base import new_request_id
-from proxyd.meter import _DAILY, _UPSERT
-from proxyd.migrations import migrations
-from proxyd.store import _summed
+from proxyd.storage.sqlite import _DAILY, _UPSERT
+from proxyd.storage.sqlite_migrations import migrations
+from proxyd.storage.sqlite_writer import _summed
 
 ID_KINDS = {
     "random": lambda: "req_" + os.urandom(12).hex(),  # proxyd's ids before time-ordered ones

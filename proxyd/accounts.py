@@ -5,21 +5,23 @@ easy to recognise (secret scanners, logs). Only the SHA-256 of a key is stored; 
 right tool for high-entropy secrets (a slow password hash would only cost CPU on every request).
 
 The whole table lives in memory, loaded at start and changed only through this class, which writes
-through the store first and updates memory after the commit: authenticating a request is a dict
-lookup, never a query. (One process owns the database; see docs/DESIGN.md on workers.)
+through the AccountStore (proxyd/storage/) first and updates memory after the commit: authenticating a
+request is a dict lookup, never a query. (One process owns the database; see docs/DESIGN.md on workers.)
+Every time stamped here comes from the injected clock.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import AuthError, Conflict, NotFound, PermissionDenied
-from .store import Store
+from .storage import AccountStore, KeyRow, UserRecord, iso_s
+
+__all__ = ["KEY_PREFIX", "Accounts", "Caller", "KeyRow", "User", "hash_key", "new_key"]
 
 KEY_PREFIX = "sk-proxyd-"
 
@@ -48,43 +50,23 @@ class Caller:
     key_id: str
 
 
-@dataclass
-class KeyRow:
-    key_id: str
-    user_id: str
-    prefix: str
-    created_at: str
-    key_hash: str
-    revoked_at: str | None = None
-
-
 class Accounts:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: AccountStore, *, clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.clock = clock
         self.users: dict[str, User] = {}
         self.keys: dict[str, KeyRow] = {}  # key_id -> row
         self._by_hash: dict[str, str] = {}  # sha256 -> key_id, live keys only
 
     def load(self, parse_overrides) -> None:
         """Start-up: reads users and keys into memory. ``parse_overrides`` validates stored limits."""
-
-        def q(conn):
-            users = conn.execute("SELECT user_id, created_at, disabled, limits_json FROM users").fetchall()
-            keys = conn.execute(
-                "SELECT key_id, user_id, key_hash, prefix, created_at, revoked_at FROM api_keys"
-            ).fetchall()
-            return users, keys
-
-        users, keys = self.store.read_now(q)
-        for r in users:
-            raw = json.loads(r["limits_json"]) if r["limits_json"] else {}
-            self.users[r["user_id"]] = User(r["user_id"], r["created_at"], bool(r["disabled"]), parse_overrides(raw))
-        for r in keys:
-            self.keys[r["key_id"]] = KeyRow(
-                r["key_id"], r["user_id"], r["prefix"], r["created_at"], r["key_hash"], r["revoked_at"]
-            )
-            if r["revoked_at"] is None:
-                self._by_hash[r["key_hash"]] = r["key_id"]
+        users, keys = self.store.load()
+        for u in users:
+            self.users[u.user_id] = User(u.user_id, u.created_at, u.disabled, parse_overrides(u.limits or {}))
+        for k in keys:
+            self.keys[k.key_id] = k
+            if k.revoked_at is None:
+                self._by_hash[k.key_hash] = k.key_id
 
     # -- the request path ---------------------------------------------------------------------
 
@@ -116,46 +98,32 @@ class Accounts:
     async def create_user(self, user_id: str, overrides: dict[str, Any], overrides_raw: Any) -> tuple[User, str, str]:
         if user_id in self.users:
             raise Conflict(f"User '{user_id}' already exists.", code="user_exists")
-        now = _now()
+        now = iso_s(self.clock())
         key, key_id = new_key(), _key_id()
-        limits_json = json.dumps(overrides_raw) if overrides_raw else None
-
-        def op(conn):
-            conn.execute(
-                "INSERT INTO users (user_id, created_at, disabled, limits_json) VALUES (?, ?, 0, ?)",
-                (user_id, now, limits_json),
-            )
-            conn.execute(
-                "INSERT INTO api_keys (key_id, user_id, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
-                (key_id, user_id, hash_key(key), key[:14], now),
-            )
-
+        row = KeyRow(key_id, user_id, key[:14], now, hash_key(key))
         self.users[user_id] = user = User(user_id, now, False, overrides)  # claim the id before awaiting
         try:
-            await self.store.submit(op)
+            await self.store.insert_user(UserRecord(user_id, now, False, overrides_raw), row)
         except Exception:
             del self.users[user_id]
             raise
-        self._remember(KeyRow(key_id, user_id, key[:14], now, hash_key(key)))
+        self._remember(row)
         return user, key, key_id
 
     async def add_key(self, user_id: str) -> tuple[str, str]:
         self.get(user_id)
-        now = _now()
         key, key_id = new_key(), _key_id()
-        await self.store.submit_sql(
-            "INSERT INTO api_keys (key_id, user_id, key_hash, prefix, created_at) VALUES (?, ?, ?, ?, ?)",
-            (key_id, user_id, hash_key(key), key[:14], now),
-        )
-        self._remember(KeyRow(key_id, user_id, key[:14], now, hash_key(key)))
+        row = KeyRow(key_id, user_id, key[:14], iso_s(self.clock()), hash_key(key))
+        await self.store.insert_key(row)
+        self._remember(row)
         return key, key_id
 
     async def revoke_key(self, key_id: str) -> None:
         row = self.keys.get(key_id)
         if row is None or row.revoked_at is not None:
             raise NotFound(f"No live key '{key_id}'.", code="key_not_found")
-        now = _now()
-        await self.store.submit_sql("UPDATE api_keys SET revoked_at=? WHERE key_id=?", (now, key_id))
+        now = iso_s(self.clock())
+        await self.store.revoke_key(key_id, now)
         row.revoked_at = now
         del self._by_hash[row.key_hash]
 
@@ -165,14 +133,13 @@ class Accounts:
 
     async def set_disabled(self, user_id: str, disabled: bool) -> User:
         user = self.get(user_id)
-        await self.store.submit_sql("UPDATE users SET disabled=? WHERE user_id=?", (int(disabled), user_id))
+        await self.store.set_disabled(user_id, disabled)
         user.disabled = disabled
         return user
 
     async def set_overrides(self, user_id: str, overrides: dict[str, Any], overrides_raw: Any) -> User:
         user = self.get(user_id)
-        limits_json = json.dumps(overrides_raw) if overrides_raw else None
-        await self.store.submit_sql("UPDATE users SET limits_json=? WHERE user_id=?", (limits_json, user_id))
+        await self.store.set_limits(user_id, overrides_raw)
         user.overrides = overrides
         return user
 
@@ -182,7 +149,3 @@ class Accounts:
 
 def _key_id() -> str:
     return "key_" + secrets.token_hex(8)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

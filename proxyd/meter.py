@@ -5,6 +5,9 @@
     await meter.settle(ticket, usage)  # memory posted; row + daily aggregate committed (awaited)
     or meter.void(ticket, ...)         # memory released; row written as voided
 
+The rows go to the Ledger (proxyd/storage/): the meter builds each one, a plain tuple in the ledger's column
+order, and the ledger stores it; times on it come from the injected clock, as the limiter's do.
+
 A request still running after ``pending_row_after_s`` gets a 'pending' row (queued, not awaited). If
 the process dies, that row is found at the next start and marked 'expired' (its in-memory reservation
 died with the process). Requests that end sooner — nearly all of them — are written once, when they
@@ -19,8 +22,6 @@ samples for call_later + cancel), and the delay stays ``pending_row_after_s`` up
 from __future__ import annotations
 
 import asyncio
-import calendar
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,7 @@ from .errors import QuotaExceeded, RateLimited
 from .limits import (Hold, Limiter, Limits, SlidingMinute, cost_nusd, day_key, go_duration, limit_headers, merge,
                      month_key, usd_str)
 from .pricing import PriceTable
-from .store import Additive, Store, Upsert
-
-log = logging.getLogger("proxyd.meter")
+from .storage import Ledger, iso_ms
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Meter:
         self,
         *,
         limiter: Limiter,
-        store: Store,
+        ledger: Ledger,
         prices: PriceTable,
         config_limits: dict[str, Any],
         min_completion_tokens: int,
@@ -81,7 +80,7 @@ class Meter:
         metrics: Any = None,
     ) -> None:
         self.limiter = limiter
-        self.store = store
+        self.ledger = ledger
         self.prices = prices
         self.defaults: Limits = config_limits.get("default", {})
         self.model_defaults: dict[str, Limits] = config_limits.get("models", {})
@@ -181,8 +180,7 @@ class Meter:
 
     def _write_pending(self, ticket: Ticket) -> None:
         """The 'pending' row of a request still running: what a crash leaves behind to be expired."""
-        fut = self.store.submit([(_UPSERT, _row(ticket, "pending"))])
-        fut.add_done_callback(_log_failure)
+        self.ledger.record_pending(_row(ticket, "pending", None))
 
     def _stop_waiting_for_row(self, ticket: Ticket) -> None:
         # Finished before its pending row was due (nearly every request): one write only.
@@ -196,11 +194,9 @@ class Meter:
         self.limiter.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
         if self.metrics:
             self.metrics.settled(ticket, usage)
-        row = _row(ticket, "settled", http_status=http_status, usage=usage, price=(in_price, out_price), cost=cost)
-        daily = (ticket.caller.user.user_id, ticket.model, day_key(ticket.hold.admitted_at), in_price, out_price, 1,
-                 usage.prompt_tokens, usage.completion_tokens, cost)
-
-        await self.store.submit([(_UPSERT, row), (_DAILY, daily)])
+        row = _row(ticket, "settled", self.ledger.clock(), http_status=http_status, usage=usage,
+                   price=(in_price, out_price), cost=cost)
+        await self.ledger.record_settled(row)  # the row and its share of the daily aggregate, one commit
 
     def void(self, ticket: Ticket, *, http_status: int, error: str) -> None:
         """Releases the reservation; the row records why. Nothing is billed."""
@@ -208,9 +204,7 @@ class Meter:
         self.limiter.void(ticket.hold)
         if self.metrics:
             self.metrics.voided(ticket)
-        row = _row(ticket, "voided", http_status=http_status, error=error[:500])
-        fut = self.store.submit([(_UPSERT, row)])
-        fut.add_done_callback(_log_failure)
+        self.ledger.record_voided(_row(ticket, "voided", self.ledger.clock(), http_status=http_status, error=error[:500]))
 
     # -- load and report -------------------------------------------------------------------------
 
@@ -218,44 +212,17 @@ class Meter:
         """Seeds the limiter with settled usage of today, this month and all time (from aggregates)."""
         now = self.limiter.clock()
         today, month = day_key(now), month_key(now)
-
-        def q(conn):
-            base = "SELECT user_id, model, SUM(requests), SUM(prompt_tokens + completion_tokens), SUM(cost_nusd) FROM usage_daily"
-            grp = " GROUP BY user_id, model"
-            return (
-                conn.execute(base + " WHERE day = ?" + grp, (today,)).fetchall(),
-                conn.execute(base + " WHERE day >= ? AND day < ?" + grp, (month + "-01", month + "-32")).fetchall(),
-                conn.execute(base + grp).fetchall(),
-            )
-
-        for rows, period in zip(self.store.read_now(q), ("d" + today, "m" + month, "total")):
+        for rows, period in zip(self.ledger.period_usage(today, month), ("d" + today, "m" + month, "total")):
             for user_id, model, requests, tokens, cost in rows:
-                self.limiter.load_used(user_id, model, period, requests or 0, tokens or 0, cost or 0)
+                self.limiter.load_used(user_id, model, period, requests, tokens, cost)
         self._load_last_minute(now)
 
     def _load_last_minute(self, now: float) -> None:
         """Seeds the per-minute windows with the requests admitted in the last minute, so a restart does
         not hand every user a fresh minute: settled ones with their tokens, voided ones as attempts
-        (they count against requests per minute, see ``Limiter.void``). Rows are read newest first by
-        rowid (insertion order) and the scan stops at the first row finished over a minute ago: a row's
-        insertion is no later than its finish, so every older rowid was inserted, hence admitted,
-        before the window."""
+        (they count against requests per minute, see ``Limiter.void``)."""
         horizon = now - SlidingMinute.SPAN
-        cutoff = _iso(horizon)
-
-        def q(conn):
-            found = []
-            cur = conn.execute("SELECT user_id, model, created_at, finished_at, status, prompt_tokens,"
-                               " completion_tokens FROM requests ORDER BY rowid DESC")
-            for user_id, model, created_at, finished_at, status, prompt, completion in cur:
-                if finished_at is not None and finished_at < cutoff:
-                    break
-                if status in ("settled", "voided") and created_at >= cutoff:
-                    found.append((_from_iso(created_at), user_id, model, (prompt or 0) + (completion or 0),
-                                  status == "voided"))
-            return found
-
-        for t, user_id, model, tokens, voided in sorted(self.store.read_now(q)):
+        for t, user_id, model, tokens, voided in sorted(self.ledger.recent_requests(horizon)):
             if t > horizon:
                 self.limiter.load_minute(user_id, model, t, tokens, attempt_only=voided)
 
@@ -278,7 +245,7 @@ class Meter:
                         "used": fmt(c.used),
                         "reserved": fmt(c.reserved),
                         "remaining": fmt(c.remaining),
-                        "resets_at": _iso(c.reset_at) if c.reset_at else None,
+                        "resets_at": iso_ms(c.reset_at) if c.reset_at else None,
                     }
                 )
         return out
@@ -325,72 +292,19 @@ def _rate_headers(checks: list, amounts: tuple[int, int, int], now: float, *, en
     return headers
 
 
-# One statement writes a request's row whatever it held before: the first write (pending, or the final
-# row of a request that ended before its pending row was due) inserts, a later one updates.
-_UPSERT = Upsert(
-    "INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at,"
-    " reserved_prompt, reserved_completion, http_status, finished_at, latency_ms, prompt_tokens,"
-    " completion_tokens, usage_source, input_price_nusd_per_mtok, output_price_nusd_per_mtok, cost_nusd, error)",
-    "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-    " ON CONFLICT (id) DO UPDATE SET"
-    " status=excluded.status, http_status=excluded.http_status, finished_at=excluded.finished_at,"
-    " latency_ms=excluded.latency_ms, prompt_tokens=excluded.prompt_tokens,"
-    " completion_tokens=excluded.completion_tokens, usage_source=excluded.usage_source,"
-    " input_price_nusd_per_mtok=excluded.input_price_nusd_per_mtok,"
-    " output_price_nusd_per_mtok=excluded.output_price_nusd_per_mtok, cost_nusd=excluded.cost_nusd,"
-    " error=excluded.error"
-)
-
-
-# Params: (user_id, model, day, input price, output price, requests, prompt_tokens, completion_tokens,
-# cost_nusd); the store sums the rows of one commit that share the first five (migration m004: keyed by
-# price so that invoices, a line per price in force, read aggregates too).
-_DAILY = Additive(
-    "INSERT INTO usage_daily (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok, requests,"
-    " prompt_tokens, completion_tokens, cost_nusd)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    " ON CONFLICT (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok) DO UPDATE SET"
-    " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
-    " completion_tokens = completion_tokens + excluded.completion_tokens,"
-    " cost_nusd = cost_nusd + excluded.cost_nusd",
-    key_len=5,
-)
-
-
-def _row(ticket: Ticket, status: str, *, http_status: int | None = None, usage: Usage | None = None,
-         price: tuple[int, int] | None = None, cost: int | None = None, error: str | None = None) -> tuple:
+def _row(ticket: Ticket, status: str, finished_at: float | None, *, http_status: int | None = None,
+         usage: Usage | None = None, price: tuple[int, int] | None = None, cost: int | None = None,
+         error: str | None = None) -> tuple:
+    """The request's ledger row (columns as proxyd.storage.REQUEST_COLUMNS). ``finished_at`` is the injected
+    clock's time at the end (None while pending); the latency is measured on the monotonic clock."""
     hold = ticket.hold
     ended = status != "pending"
     return (
         ticket.request_id, ticket.caller.user.user_id, ticket.caller.key_id, ticket.model, ticket.endpoint,
-        int(ticket.stream), status, day_key(hold.admitted_at), _iso(hold.admitted_at),
+        int(ticket.stream), status, day_key(hold.admitted_at), iso_ms(hold.admitted_at),
         hold.prompt_tokens, hold.completion_tokens, http_status,
-        _iso(time.time()) if ended else None,
+        iso_ms(finished_at) if ended else None,
         int((time.perf_counter() - ticket.started) * 1000) if ended else None,
         usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None,
         usage.source if usage else None, price[0] if price else None, price[1] if price else None, cost, error,
     )
-
-
-_ISO_SECOND: tuple[int, str] = (-1, "")  # (whole second, its "YYYY-MM-DDTHH:MM:SS"), swapped atomically
-
-
-def _iso(t: float) -> str:
-    """UTC ISO 8601 to the millisecond. strftime+gmtime cost ~5 us and every ledger row needs two, so the
-    second's text is computed once per second (the same trick as limits._calendar)."""
-    global _ISO_SECOND
-    s = int(t // 1)
-    cached = _ISO_SECOND
-    if cached[0] != s:
-        cached = _ISO_SECOND = (s, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)))
-    return f"{cached[1]}.{int((t - s) * 1000):03d}Z"
-
-
-def _from_iso(s: str) -> float:
-    """The inverse of ``_iso`` (to the millisecond)."""
-    return calendar.timegm(time.strptime(s[:19], "%Y-%m-%dT%H:%M:%S")) + int(s[20:23]) / 1000
-
-
-def _log_failure(fut) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("ledger write failed: %s", fut.exception())

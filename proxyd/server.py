@@ -25,7 +25,8 @@ from .meter import Meter
 from .metrics import Metrics
 from .modelname import canonical_keys
 from .pricing import PriceTable
-from .store import Store
+from .storage import Ledger
+from .storage.sqlite import SQLiteStorage
 from .tokens import ENCODINGS, TEMPLATES, TokenCounter
 from .upstream import Upstream
 
@@ -36,7 +37,7 @@ access = logging.getLogger("proxyd.access")
 @dataclass
 class Context:
     config: Config
-    store: Store
+    ledger: Ledger
     accounts: Accounts
     meter: Meter
     tokens: TokenCounter
@@ -124,7 +125,7 @@ def check_structures(config: Config) -> None:
 
 
 def build_context(config: Config, *, clock: Callable[[], float] = time.time, image_resolver=None) -> Context:
-    """Opens the store (migrations, crash recovery) and builds every shared object. Synchronous."""
+    """Opens the storage (migrations, crash recovery) and builds every shared object. Synchronous."""
     # Imported here: Pillow and aiohttp load only when a proxy is actually built.
     from .images import ImageInliner, ImagePolicy, upstream_endpoints
 
@@ -132,17 +133,20 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     prices = PriceTable(config["pricing"])
     for warning in prices.check_start([*config["models"], *config_limits["models"]]):
         log.warning("%s", warning)
-    store = Store(config["database.path"], synchronous=config["database.synchronous"], batch_max=config["database.batch_max"])
-    expired = store.open()
+    # One SQLite file holds both ports (proxyd/storage/): the Ledger and the AccountStore.
+    storage = SQLiteStorage(config["database.path"], synchronous=config["database.synchronous"],
+                            batch_max=config["database.batch_max"], clock=clock)
+    storage.open()
+    expired = storage.expire_stale_pending()
     if expired:
         log.warning("expired %d reservations left pending by an earlier crash", expired)
-    accounts = Accounts(store)
+    accounts = Accounts(storage, clock=clock)
     accounts.load(lambda raw: parse_limits(raw, "stored limits", stored=True))
     metrics = Metrics(per_user_labels=config["metrics.per_user_labels"]) if config["metrics.enabled"] else None
     limiter = Limiter(clock=clock)
     meter = Meter(
         limiter=limiter,
-        store=store,
+        ledger=storage,
         prices=prices,
         config_limits=config_limits,
         min_completion_tokens=config["estimate.min_completion_tokens"],
@@ -153,9 +157,9 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     if metrics is not None:
         metrics.bind(
             in_flight=lambda: limiter.pending,
-            queue_depth=lambda: store.queue_depth,
-            commit_s=lambda: store.last_commit_s,
-            commits=lambda: (store.commits, store.writes),
+            queue_depth=lambda: storage.queue_depth,
+            commit_s=lambda: storage.last_commit_s,
+            commits=lambda: (storage.commits, storage.writes),
         )
     tokens = TokenCounter(config["models"], config["model_defaults"])
     upstream = Upstream(
@@ -182,7 +186,7 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
         deny_endpoints=upstream_endpoints(config["upstream.url"]),
     )
     images = ImageInliner(policy, resolver=image_resolver)
-    return Context(config, store, accounts, meter, tokens, upstream, images, metrics)
+    return Context(config, storage, accounts, meter, tokens, upstream, images, metrics)
 
 
 class HealthHandler(BaseHandler):
@@ -201,7 +205,7 @@ class HealthHandler(BaseHandler):
         if admin:
             upstream.update(url=self.ctx.upstream.base_url, kind="emulator" if self.ctx.demo else "ollama", detail=detail)
             body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
-                        ledger_queue_depth=self.ctx.store.queue_depth, warnings=self.ctx.meter.prices.warnings())
+                        ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings())
         self.send_json(body, 200 if ok else 503)
 
 

@@ -78,7 +78,7 @@ class Harness:
         config = load_config(None, overrides, env={})
         self.config = config
         self.ctx = build_context(config, clock=self.clock)
-        self.ctx.store.bind_loop(asyncio.get_running_loop())
+        self.ctx.ledger.bind_loop(asyncio.get_running_loop())
         sockets = bind_sockets(0, "127.0.0.1")
         self.port = sockets[0].getsockname()[1]
         self.server = HTTPServer(make_app(self.ctx), max_body_size=config["server.max_body_bytes"] * 2)
@@ -94,7 +94,7 @@ class Harness:
         await self.server.close_all_connections()
         await self.ctx.upstream.close()
         await self.ctx.images.close()
-        await self.ctx.store.close()
+        await self.ctx.ledger.close()
         self.ctx.tokens.close()
         self.server = None
 
@@ -140,15 +140,15 @@ class Harness:
     # -- ledger views ---------------------------------------------------------------------------------------------
 
     def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return self.call(self.ctx.store.read(lambda c: [tuple(r) for r in c.execute(sql, params).fetchall()]))
+        return self.call(self.ctx.ledger.read(lambda c: [tuple(r) for r in c.execute(sql, params).fetchall()]))
 
     def settle_all(self) -> None:
         """Waits until every queued ledger write is committed and nothing is reserved."""
         deadline = time.time() + 10
         while time.time() < deadline:
-            if self.ctx.store.queue_depth == 0 and self.ctx.meter.limiter.pending == 0:
+            if self.ctx.ledger.queue_depth == 0 and self.ctx.meter.limiter.pending == 0:
                 return
             time.sleep(0.01)
         raise AssertionError(
-            f"not idle: queue {self.ctx.store.queue_depth}, pending {self.ctx.meter.limiter.pending}"
+            f"not idle: queue {self.ctx.ledger.queue_depth}, pending {self.ctx.meter.limiter.pending}"
         )

@@ -412,7 +412,7 @@ def test_values_an_older_version_stored_do_not_stop_the_start(world, caplog):
     legacy = json.dumps({"total_tokens": 1e300, "total_cost_usd": "  5 "})
 
     async def write():
-        await world.ctx.store.submit_sql("UPDATE users SET limits_json=? WHERE user_id='alice'", (legacy,))
+        await world.ctx.ledger.submit_sql("UPDATE users SET limits_json=? WHERE user_id='alice'", (legacy,))
 
     world.call(write())
     world.restart()

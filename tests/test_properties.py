@@ -29,7 +29,7 @@ from proxyd.config import load_config
 from proxyd.errors import InvalidRequest, QuotaExceeded, RateLimited
 from proxyd.images import _image_parts
 from proxyd.limits import LIMIT_FIELDS, MAX_COUNT, MAX_USD, NANO, Limiter, _cost, parse_limits, to_api
-from proxyd.meter import _from_iso, _iso
+from proxyd.storage import from_iso_ms, iso_ms
 from proxyd.sse import DONE, SSEParser, event
 from proxyd.tokens import TokenCounter
 
@@ -617,8 +617,8 @@ test_limiter_state_machine = LimiterMachine.TestCase
 
 @given(st.floats(0, 4_102_444_800, allow_nan=False), st.floats(0, 3, allow_nan=False))
 def test_ledger_timestamps_match_strftime_and_round_trip(t, later):
-    # _iso caches each second's text: it must agree with the plain formatting whatever came before.
+    # iso_ms caches each second's text: it must agree with the plain formatting whatever came before.
     for x in (t, t + later, t):
         plain = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(x)) + f".{int((x % 1) * 1000):03d}Z"
-        assert _iso(x) == plain
-        assert abs(_from_iso(_iso(x)) - x) < 0.001
+        assert iso_ms(x) == plain
+        assert abs(from_iso_ms(iso_ms(x)) - x) < 0.001

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from proxyd.store import Additive, Upsert, _run_groups
+from proxyd.storage.sqlite_writer import Additive, Upsert, _run_groups
 
 
 def _db() -> sqlite3.Connection:
@@ -60,10 +60,10 @@ def test_a_ledger_scan_does_not_hold_up_reads(tmp_path):
     import asyncio
     import threading
 
-    from proxyd.store import Store
+    from proxyd.storage.sqlite import SQLiteStorage
 
     async def go() -> None:
-        store = Store(str(tmp_path / "ledger.db"))
+        store = SQLiteStorage(str(tmp_path / "ledger.db"))
         store.open()
         store.bind_loop(asyncio.get_running_loop())
         release = threading.Event()
@@ -82,3 +82,22 @@ def test_a_ledger_scan_does_not_hold_up_reads(tmp_path):
         await store.close()
 
     asyncio.run(go())
+
+
+def test_sqlite_storage_has_every_member_of_both_ports_with_their_parameters():
+    # Protocols are not checked at run time: this keeps the one implementation and the ports from drifting.
+    import inspect
+
+    from proxyd.storage import AccountStore, Ledger
+    from proxyd.storage.sqlite import SQLiteStorage
+
+    store = SQLiteStorage(":memory:")
+    for port in (Ledger, AccountStore):
+        for name in port.__annotations__:
+            assert hasattr(store, name), f"{port.__name__}.{name}"
+        for name, member in vars(port).items():
+            if inspect.isfunction(member) and not name.startswith("_"):
+                impl = getattr(SQLiteStorage, name, None)
+                assert impl is not None, f"{port.__name__}.{name}"
+                assert inspect.iscoroutinefunction(impl) == inspect.iscoroutinefunction(member), name
+                assert list(inspect.signature(impl).parameters) == list(inspect.signature(member).parameters), name

@@ -127,7 +127,9 @@ class InvoicesHandler(AdminHandler):
     async def get(self) -> None:
         period = invoice_period(self)
         user_id = self.get_query_argument("user_id", None)
-        data = await self.ctx.store.read(lambda c: reports.invoices(c, period=period, user_id=user_id))
+        ledger = self.ctx.ledger
+        lines = await ledger.invoice_lines(period=period, user_id=user_id)
+        data = reports.invoices(lines, period=period, user_id=user_id, now=ledger.clock())
         self.send_json({"object": "list", "period": period, "data": data})
 
 
@@ -141,6 +143,6 @@ class ConsistencyHandler(AdminHandler):
             raise InvalidRequest("'end' needs 'start' (without both, the whole ledger is checked)", param="end")
         else:
             start = end = None
-        result = await self.ctx.store.scan(lambda c: reports.consistency(c, start=start, end=end))
+        result = await self.ctx.ledger.check(start=start, end=end)
         result["reserved_in_flight"] = self.ctx.meter.limiter.pending
         self.send_json(result)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import reports
 from ..errors import InvalidRequest
-from ..limits import to_api
+from ..limits import day_key, month_key, to_api
 from ..modelname import canonical
 from .base import BaseHandler
 
@@ -20,8 +20,8 @@ MONTH = re.compile(r"^[0-9]{4}-(0[1-9]|1[0-2])$")
 
 def day_range(handler: BaseHandler, default_start: str | None) -> tuple[str | None, str]:
     """``start`` and ``end`` query arguments: real calendar days (YYYY-MM-DD), end defaulting to today
-    and not before start. A missing start is ``default_start``."""
-    today = time.strftime("%Y-%m-%d", time.gmtime())
+    and not before start (today by the injected clock). A missing start is ``default_start``."""
+    today = day_key(handler.ctx.ledger.clock())
     start = handler.get_query_argument("start", default_start)
     end = handler.get_query_argument("end", today)
     for name, value in (("start", start), ("end", end)):
@@ -43,7 +43,8 @@ def _is_day(value: str) -> bool:
 
 
 async def usage_query(handler: BaseHandler, *, user_id: str | None, default_group: str = "model") -> dict[str, Any]:
-    start, end = day_range(handler, time.strftime("%Y-%m-01", time.gmtime()))
+    ledger = handler.ctx.ledger
+    start, end = day_range(handler, month_key(ledger.clock()) + "-01")  # by default this month so far
     group_by = handler.get_query_argument("group_by", default_group)
     allowed = ("model", "day") if user_id is not None else ("model", "day", "user")
     if group_by not in allowed:
@@ -51,9 +52,8 @@ async def usage_query(handler: BaseHandler, *, user_id: str | None, default_grou
     model = handler.get_query_argument("model", None)
     if model is not None:
         model = canonical(model)  # as the ledger records it (proxyd/modelname.py)
-    result = await handler.ctx.store.read(
-        lambda c: reports.usage(c, user_id=user_id, start=start, end=end, group_by=group_by, model=model)
-    )
+    rows = await ledger.usage(user_id=user_id, start=start, end=end, group_by=group_by, model=model)
+    result = reports.usage(rows, start=start, end=end, group_by=group_by)
     if user_id is not None:
         result["user_id"] = user_id
     return result
@@ -62,8 +62,8 @@ async def usage_query(handler: BaseHandler, *, user_id: str | None, default_grou
 def invoice_period(handler: BaseHandler) -> str:
     period = handler.get_query_argument("period", None)
     if period is None:
-        # Billing is in arrears: by default the last closed month.
-        g = time.gmtime()
+        # Billing is in arrears: by default the last closed month (by the injected clock).
+        g = time.gmtime(handler.ctx.ledger.clock())
         period = f"{g.tm_year - 1}-12" if g.tm_mon == 1 else f"{g.tm_year}-{g.tm_mon - 1:02d}"
     if not MONTH.match(period):
         raise InvalidRequest("'period' must be a month YYYY-MM", param="period")
@@ -94,5 +94,7 @@ class InvoiceHandler(UserAPIHandler):
     async def get(self) -> None:
         period = invoice_period(self)
         user_id = self.caller.user.user_id
-        (invoice,) = await self.ctx.store.read(lambda c: reports.invoices(c, period=period, user_id=user_id))
+        ledger = self.ctx.ledger
+        lines = await ledger.invoice_lines(period=period, user_id=user_id)
+        (invoice,) = reports.invoices(lines, period=period, user_id=user_id, now=ledger.clock())
         self.send_json(invoice)

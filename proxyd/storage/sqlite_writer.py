@@ -1,4 +1,5 @@
-"""The SQLite store: one writer thread for every write, a reader thread for queries, one for ledger scans.
+"""The SQLite engine under the storage ports: one writer thread for every write, a reader thread for
+queries, one for ledger scans. What it writes and reads (the schema's SQL) is ``proxyd/storage/sqlite.py``'s.
 
 Why one writer: SQLite allows one writer at a time anyway; funnelling every write through one
 thread and one connection means no SQLITE_BUSY, no write-lock contention with the event loop, and
@@ -15,7 +16,7 @@ the last byte of a response, so whatever a client saw complete is on disk. In WA
 commits may be lost on power loss or an OS crash; ``synchronous=FULL`` closes that window at the
 cost of an fsync per group commit.
 
-The store knows nothing about HTTP; handlers never see SQL.
+The store knows nothing about HTTP; nothing outside proxyd/storage/ sees SQL or a connection.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from sqlite_utils import Database
 
-from .migrations import migrations
+from .sqlite_migrations import migrations
 
 log = logging.getLogger("proxyd.store")
 
@@ -138,8 +139,8 @@ class Store:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def open(self) -> int:
-        """Migrates, expires reservations a crash left pending, starts the writer. Returns #expired."""
+    def open(self) -> None:
+        """Migrates the schema, opens the readers, starts the writer."""
         conn = _connect(self.path, self._synchronous)
         db = Database(conn)
         pending = [m.name for m in migrations.pending(db)]
@@ -147,11 +148,6 @@ class Store:
             # Said before, not after: on a large ledger one can take seconds (m004: ~6 s for 3M rows).
             log.info("ledger %s: applying migrations %s", self.path, ", ".join(pending))
         migrations.apply(db)
-        # A pending row means the process died between admitting a request and settling it. The
-        # in-memory reservation died with the process; mark the row so it is never billed or retried.
-        expired = conn.execute(
-            "UPDATE requests SET status='expired', finished_at=? WHERE status='pending'", (_now_iso(),)
-        ).rowcount
         self._write_conn = conn
         self._read_conn = sqlite3.connect(self.path, check_same_thread=False, timeout=5.0)
         self._read_conn.row_factory = sqlite3.Row
@@ -159,7 +155,6 @@ class Store:
         self._scan_conn.row_factory = sqlite3.Row
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
         self._writer.start()
-        return expired
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -350,7 +345,3 @@ def _resolve(fut: asyncio.Future, ok: bool, value: Any, store: Store) -> None:
         fut.set_result(value)
     else:
         fut.set_exception(value)
-
-
-def _now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

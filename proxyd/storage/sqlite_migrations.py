@@ -1,7 +1,9 @@
 """Numbered, append-only schema migrations (sqlite-utils' Migrations records each one applied).
 
-Never edit or reorder a migration that has shipped: add a new one. ``tests/test_migrations.py`` asserts the
-resulting schema of a blank database.
+Never edit, rename or reorder a migration that has shipped: add a new one. A database records each applied
+migration by its function's name (under the set "proxyd"), so the names stay as they are wherever the module
+lives; so does the logger's name, "proxyd.migrations". ``tests/test_migrations.py`` asserts the resulting
+schema of a blank database.
 """
 
 from __future__ import annotations
