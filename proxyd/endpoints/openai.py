@@ -138,8 +138,7 @@ class Embeddings(OpenAIEndpoint):
     reserves_completion = False
 
     def parse(self, body: dict[str, Any]) -> tuple[str, bool, bool, int | None]:
-        model, inputs = validate.embeddings(body)
-        return model, False, False, None
+        return validate.embeddings(body)[0], False, False, None
 
     async def estimate(self, body: dict[str, Any], model: str, call: Any) -> int:
         raw = body["input"]  # validated by parse: a string or a non-empty array of strings

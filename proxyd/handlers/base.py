@@ -23,8 +23,6 @@ import tornado.web
 from tornado.iostream import StreamClosedError
 
 from .. import jsonio
-from ..limits_http import refusal_error
-from ..pipeline import ClientGone
 from ..errors import (
     AuthError,
     InvalidRequest,
@@ -34,6 +32,8 @@ from ..errors import (
     ProxyError,
     ServiceUnavailable,
 )
+from ..limits_http import refusal_error
+from ..pipeline import ClientGone
 
 log = logging.getLogger("proxyd.http")
 
