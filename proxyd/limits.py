@@ -1,265 +1,38 @@
-"""Limits: their names, how configured and overridden limits merge, and the in-memory admission state.
+"""The in-memory admission engine: every limit of one proxy process, checked and reserved on the loop.
 
 Every limit is checked against ``used + reserved + this request`` at admission, synchronously on the
 event loop (no await between check and increment), so two concurrent requests can never both pass a
 check that only one fits: the event loop is the lock. A reservation is a ``Hold`` (pending) that ends
 exactly once, posted with the actual usage (``settle``) or released (``void``), like TigerBeetle's
-two-phase transfers.
+two-phase transfers. A request that does not fit gets a ``Refusal`` value (proxyd/admission.py), which
+the HTTP layer renders (proxyd/limits_http.py): nothing here speaks HTTP.
 
-Windows:
+Windows (proxyd/limitspec.py names them):
 - per minute: a sliding log (each admitted request is an entry with its timestamp and tokens), exact:
   no boundary burst as with fixed windows; an entry's tokens are corrected to the actual at settle;
-- per day / month: UTC calendar periods; a request is billed to the period in which it was admitted;
+- per day / month: UTC calendar periods (proxyd/periods.py); billed to the period of admission;
 - total: never resets;
 - concurrency: requests in flight.
 
-Money is integer nano-USD (1e-9 USD). Amounts are ``[requests, tokens, cost_nusd]`` lists.
+Money is integer nano-USD (1e-9 USD). Amounts are lists indexed by ``Metric`` (requests, tokens, cost).
 """
 
 from __future__ import annotations
 
-import calendar
-import logging
-import math
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from typing import Any, Callable
+from typing import Callable
 
-from .errors import InvalidRequest, QuotaExceeded, RateLimited
-from .modelname import canonical_keys
+from .admission import Check, OpenRequests, Refusal, RefusalKind  # noqa: F401 (Check: its old home)
+from .limitspec import (LIMIT_FIELDS, MAX_COUNT, MAX_USD, METRIC_NAMES, SHORT_TERM, Limits, Metric, Window,  # noqa: F401
+                        merge, parse_limits, to_api)
+from .periods import DAY_END, DAY_KEY, MONTH_END, MONTH_KEY, calendar_of, day_key, month_key, period_end  # noqa: F401
+from .pricing import NANO, cost_nusd, usd_str  # noqa: F401
 
-log = logging.getLogger("proxyd.limits")
-
-NANO = 10**9
-# The largest count limit (requests, tokens, concurrency): 2**53 - 1, the largest integer every JSON
-# reader holds exactly (JavaScript's Number, Go's float64 — in which a client sees the limit shown back)
-# and far beyond any quota (9e15 tokens). A JSON number past 64 bits reaches proxyd as a float already
-# rounded (orjson), so only a bound below 2**53 can promise that the limit stored is the limit written.
-MAX_COUNT = 2**53 - 1
-# The largest USD amount: a bill no one runs up, whose nano-USD (1e21) is still an exact integer here.
-# USD is shown as a decimal string, which every reader holds exactly.
-MAX_USD = Decimal(10**12)
-# A USD amount written as a string: digits, and at most 9 decimals (nano-USD, the unit kept). No sign,
-# exponent, spaces, "_" or non-ASCII digits, which Decimal() and float() would all take.
-_USD_TEXT = re.compile(r"[0-9]+(?:\.[0-9]{1,9})?")
-
-# name -> (metric index into an amount [requests, tokens, cost], window)
-LIMIT_FIELDS: dict[str, tuple[int, str]] = {
-    "requests_per_minute": (0, "minute"),
-    "tokens_per_minute": (1, "minute"),
-    "requests_per_day": (0, "day"),
-    "tokens_per_day": (1, "day"),
-    "tokens_per_month": (1, "month"),
-    "cost_per_day_usd": (2, "day"),
-    "cost_per_month_usd": (2, "month"),
-    "total_tokens": (1, "total"),
-    "total_cost_usd": (2, "total"),
-    "max_concurrent_requests": (0, "concurrent"),
-}
-SHORT_TERM = {"minute", "concurrent"}
-METRIC_NAMES = ("requests", "tokens", "cost")
-
-Limits = dict[str, Any]  # field -> int (nano-USD for cost) | None (unlimited); "models" -> {model: Limits}
-
-
-# -- parsing and merging ---------------------------------------------------------------------------
-
-
-def parse_limits(raw: Any, where: str, *, allow_models: bool = True, stored: bool = False) -> Limits:
-    """Validates a limits mapping from config or the admin API; USD amounts become nano-USD ints.
-
-    Absent fields inherit; ``null`` means unlimited (kept as None so it overrides an inherited value).
-    """
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise InvalidRequest(f"{where} must be an object", param=where)
-    out: Limits = {}
-    for name, value in raw.items():
-        if name == "models" and allow_models:
-            if not isinstance(value, dict):
-                raise InvalidRequest(f"{where}.models must be an object of model -> limits", param=f"{where}.models")
-            # Parsed under the names the client wrote (errors name them), then keyed as requests are
-            # looked up: by canonical model name (proxyd/modelname.py).
-            parsed = {m: parse_limits(v, f"{where}.models.{m}", allow_models=False, stored=stored) for m, v in value.items()}
-            try:
-                out["models"] = canonical_keys(parsed, f"{where}.models", per_model=True, keep_last=stored)
-            except ValueError as exc:
-                raise InvalidRequest(str(exc), param=f"{where}.models") from None
-            continue
-        if name not in LIMIT_FIELDS:
-            known = ", ".join(sorted(LIMIT_FIELDS))
-            raise InvalidRequest(f"{where}: unknown limit '{name}' (known: {known})", param=f"{where}.{name}")
-        out[name] = _parse_amount(name, value, f"{where}.{name}", stored)
-    return out
-
-
-def _parse_amount(name: str, value: Any, where: str, stored: bool = False) -> int | None:
-    """One limit value: ``None`` (unlimited), a whole number of requests/tokens, or USD -> nano-USD.
-
-    Counts are JSON integers from 0 to MAX_COUNT (an integral float such as ``1e3`` too: JSON has one
-    number type); USD is a JSON number or a decimal string of at most 9 decimals, from 0 to MAX_USD.
-    Values stored by an older proxyd that this refuses are read as it read them, clamped to the
-    maximum, with a warning: refusing them would stop the start."""
-    try:
-        return _usd(value, where) if name.endswith("_usd") else _count(value, where)
-    except InvalidRequest as exc:
-        if not stored:
-            raise
-        legacy = _legacy_amount(name, value)
-        if legacy is None:
-            raise
-        log.warning("%s; the stored value is read as %s (set the limit again to fix it)", exc.message, legacy)
-        return legacy
-
-
-def _count(value: Any, where: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"{where} must be a whole number (0 to {MAX_COUNT}) or null", param=where)
-    if isinstance(value, float) and not value.is_integer():  # NaN and infinity are not integers either
-        raise InvalidRequest(f"{where} must be a whole number (0 to {MAX_COUNT}), not {value!r}", param=where)
-    if value < 0:
-        raise InvalidRequest(f"{where} must be >= 0", param=where)
-    if value > MAX_COUNT:
-        # Also what a JSON integer past 64 bits becomes: orjson reads it as an already-rounded float.
-        raise InvalidRequest(f"{where} must be at most {MAX_COUNT} (use null for no limit)", param=where)
-    return int(value)
-
-
-def _usd(value: Any, where: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidRequest(f"{where} must be an amount of USD (a number or a decimal string such as \"12.50\") or null",
-                             param=where)
-    if isinstance(value, str):
-        if not _USD_TEXT.fullmatch(value):
-            raise InvalidRequest(
-                f"{where} must be a decimal amount of USD such as \"12.50\" (digits, at most 9 decimals), not {value!r}",
-                param=where)
-        usd = Decimal(value)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise InvalidRequest(f"{where} must be a finite amount of USD", param=where)
-    else:
-        # repr: the shortest decimal that reads back as this float, i.e. the number as the client wrote it.
-        usd = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-    if usd < 0:
-        raise InvalidRequest(f"{where} must be >= 0", param=where)
-    if usd > MAX_USD:
-        raise InvalidRequest(f"{where} must be at most {MAX_USD} USD (use null for no limit)", param=where)
-    nusd = usd.scaleb(9)
-    if nusd != nusd.to_integral_value():
-        raise InvalidRequest(f"{where} has more than 9 decimals (the unit kept is 1e-9 USD)", param=where)
-    return int(nusd)
-
-
-def _legacy_amount(name: str, value: Any) -> int | None:
-    """What proxyd before issue #12 made of a stored value (None if it refused it too), within range."""
-    try:
-        if name.endswith("_usd"):
-            usd = Decimal(str(value))
-            if not usd.is_finite() or usd < 0:
-                return None
-            return int(min(usd, MAX_USD).scaleb(9))
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer() and value >= 0:
-            return min(int(value), MAX_COUNT)
-    except (InvalidOperation, ValueError, OverflowError):
-        pass
-    return None
-
-
-def merge(*layers: Limits) -> Limits:
-    """Later layers win field by field; ``models`` merge per model."""
-    out: Limits = {}
-    for layer in layers:
-        for name, value in layer.items():
-            if name == "models":
-                models = out.setdefault("models", {})
-                for model, lim in value.items():
-                    models[model] = {**models.get(model, {}), **lim}
-            else:
-                out[name] = value
-    return out
-
-
-def to_api(limits: Limits) -> dict[str, Any]:
-    """Limits as shown in the API: USD as decimal strings."""
-    out: dict[str, Any] = {}
-    for name, value in limits.items():
-        if name == "models":
-            out["models"] = {m: to_api(v) for m, v in value.items()}
-        elif name.endswith("_usd") and value is not None:
-            out[name] = usd_str(value)
-        else:
-            out[name] = value
-    return out
-
-
-def usd_str(nusd: int) -> str:
-    whole, frac = divmod(abs(nusd), NANO)
-    return f"{'-' if nusd < 0 else ''}{whole}.{frac:09d}"
-
-
-# -- periods ---------------------------------------------------------------------------------------
-
-
-_CAL: tuple = (None, None)  # (whole second, (day key, month key, day end, month end)), swapped atomically
-
-
-def _calendar(t: float) -> tuple:
-    """Day/month keys and period ends of the UTC second containing t, computed once per second."""
-    global _CAL
-    s = int(t // 1)
-    cached = _CAL
-    if cached[0] == s:
-        return cached[1]
-    g = time.gmtime(s)
-    day_end = calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0)) + 86400
-    year, month = (g.tm_year + 1, 1) if g.tm_mon == 12 else (g.tm_year, g.tm_mon + 1)
-    values = (f"{g.tm_year:04d}-{g.tm_mon:02d}-{g.tm_mday:02d}", f"{g.tm_year:04d}-{g.tm_mon:02d}",
-              day_end, calendar.timegm((year, month, 1, 0, 0, 0)))
-    _CAL = (s, values)
-    return values
-
-
-def day_key(t: float) -> str:
-    return _calendar(t)[0]
-
-
-def month_key(t: float) -> str:
-    return _calendar(t)[1]
-
-
-def period_end(window: str, t: float) -> float | None:
-    """When the calendar period containing t ends (UTC), or None for total."""
-    if window == "day":
-        return _calendar(t)[2]
-    if window == "month":
-        return _calendar(t)[3]
-    return None
-
-
-def go_duration(seconds: float) -> str:
-    """OpenAI's reset format: Go-style durations such as 6m0s, 1.5s, 23h47m36s."""
-    if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
-    s = int(seconds)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    if h:
-        return f"{h}h{m}m{sec}s"
-    if m:
-        return f"{m}m{sec}s"
-    frac = seconds - s
-    return f"{s}s" if frac < 0.001 else f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
-
-
-# -- admission state -------------------------------------------------------------------------------
+_cost = cost_nusd  # the name tests and tools know
+REQUESTS, TOKENS, COST = Metric.REQUESTS, Metric.TOKENS, Metric.COST
+MINUTE, CONCURRENT, DAY, MONTH = Window.MINUTE, Window.CONCURRENT, Window.DAY, Window.MONTH
 
 
 class SlidingMinute:
@@ -313,7 +86,7 @@ class SlidingMinute:
         return list(zip(self.times, self.reqs, self.toks))
 
     def used(self, metric: int) -> int:
-        return self.requests if metric == 0 else self.tokens
+        return self.requests if metric == REQUESTS else self.tokens
 
     def reset_in(self, now: float) -> float:
         return (self.times[-1] + self.SPAN - now) if self.times else 0.0
@@ -322,7 +95,7 @@ class SlidingMinute:
         """Earliest time at which ``need`` units of the metric will have left the window."""
         freed = 0
         for t, r, k in zip(self.times, self.reqs, self.toks):
-            freed += r if metric == 0 else k
+            freed += r if metric == REQUESTS else k
             if freed >= need:
                 return t + self.SPAN
         return now + self.SPAN
@@ -330,7 +103,7 @@ class SlidingMinute:
 
 @dataclass(slots=True)
 class Bucket:
-    """Used and reserved amounts of one user/scope in one calendar period (or total)."""
+    """Used and reserved amounts of one user/scope in one calendar period (or total), indexed by Metric."""
 
     used: list = field(default_factory=lambda: [0, 0, 0])
     reserved: list = field(default_factory=lambda: [0, 0, 0])
@@ -349,28 +122,12 @@ class Hold:
     buckets: list  # Bucket objects reserved against
     minute_entries: list  # (SlidingMinute, sequence number)
     concurrency_keys: list
-    checks: list  # (Check, metric, window) as they stood just before this admission
+    checks: list  # Check, as they stood just before this admission
     state: str = "pending"
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(slots=True)
-class Check:
-    """One limit that applies to a request, with what is used and reserved against it."""
-
-    scope: str  # "*" (all models) or a model name
-    name: str
-    limit: int
-    used: int
-    reserved: int
-    reset_at: float | None  # when the window frees (None: never)
-
-    @property
-    def remaining(self) -> int:
-        return max(0, self.limit - self.used - self.reserved)
 
 
 class Limiter:
@@ -390,9 +147,9 @@ class Limiter:
         """Seeds settled usage (from the ledger at start) for both the model and the all-models scope."""
         for scope in (model, "*"):
             b = self._bucket(user_id, scope, period)
-            b.used[0] += requests
-            b.used[1] += tokens
-            b.used[2] += cost
+            b.used[REQUESTS] += requests
+            b.used[TOKENS] += tokens
+            b.used[COST] += cost
 
     def load_minute(self, user_id: str, model: str, t: float, tokens: int, *, attempt_only: bool = False) -> None:
         """Seeds one request of the last minute (at start; call in time order). A voided one is an
@@ -417,27 +174,41 @@ class Limiter:
 
     # -- the checks ----------------------------------------------------------------------------
 
-    def checks(self, user_id: str, scope: str, limits: Limits, now: float) -> list[tuple[Check, int, str]]:
-        """Every configured (non-null) limit of one scope: (Check, metric index, window)."""
+    def checks(self, user_id: str, scope: str, limits: Limits, now: float, cal: tuple | None = None) -> list[Check]:
+        """Every configured (non-null) limit of one scope, with what is used and reserved against it.
+        ``cal``: ``calendar_of(now)``, when the caller has it already (one lookup per admission)."""
         out = []
-        periods = {"day": "d" + day_key(now), "month": "m" + month_key(now), "total": "total"}
+        if cal is None:
+            cal = calendar_of(now)
+        periods = {DAY: "d" + cal[DAY_KEY], MONTH: "m" + cal[MONTH_KEY], "total": "total"}
         for name, value in limits.items():
             if value is None or name == "models":
                 continue
             metric, window = LIMIT_FIELDS[name]
-            if window == "minute":
+            if window == MINUTE:
                 w = self._minute(user_id, scope, now)
-                c = Check(scope, name, value, w.used(metric), 0, now + w.reset_in(now))
-            elif window == "concurrent":
-                c = Check(scope, name, value, self.concurrent.get((user_id, scope), 0), 0, None)
+                c = Check(scope, name, value, w.used(metric), 0, now + w.reset_in(now), metric, window)
+            elif window == CONCURRENT:
+                c = Check(scope, name, value, self.concurrent.get((user_id, scope), 0), 0, None, metric, window)
             else:
                 b = self.buckets.get((user_id, scope, periods[window]))
                 used, reserved = (b.used[metric], b.reserved[metric]) if b else (0, 0)
-                c = Check(scope, name, value, used, reserved, period_end(window, now))
-            out.append((c, metric, window))
+                reset_at = cal[DAY_END] if window == DAY else cal[MONTH_END] if window == MONTH else None
+                c = Check(scope, name, value, used, reserved, reset_at, metric, window)
+            out.append(c)
         return out
 
-    def reserve(
+    def reserve(self, **request) -> Hold:
+        """``try_reserve`` for direct callers (tests, tools): a refusal is raised as the error a client
+        would get (RateLimited or QuotaExceeded)."""
+        hold = self.try_reserve(**request)
+        if isinstance(hold, Refusal):
+            from .limits_http import refusal_error  # the HTTP rendering, only on this path
+
+            raise refusal_error(hold, self.clock())
+        return hold
+
+    def try_reserve(
         self,
         *,
         user_id: str,
@@ -449,8 +220,8 @@ class Limiter:
         completion_is_default: bool,
         min_completion_tokens: int,
         price: tuple[int, int],
-    ) -> Hold:
-        """Admits a request or raises RateLimited / QuotaExceeded. No await inside: atomic on the loop.
+    ) -> Hold | Refusal:
+        """Admits a request (a Hold) or refuses it (a Refusal). No await inside: atomic on the loop.
 
         When the completion budget is proxyd's default (the client set no max_tokens) and does not fit a
         token or cost limit, it is shrunk to what fits (not below ``min_completion_tokens``): the client
@@ -458,25 +229,26 @@ class Limiter:
         the client's contract and is refused instead of silently cut.
         """
         now = self.clock()
-        if day_key(now) != self._today:
+        cal = calendar_of(now)
+        if cal[DAY_KEY] != self._today:
             self._drop_old_periods(now)
-        all_checks = self.checks(user_id, "*", user_limits, now) + self.checks(user_id, model, model_limits, now)
+        all_checks = self.checks(user_id, "*", user_limits, now, cal) + self.checks(user_id, model, model_limits, now, cal)
         in_price, out_price = price
 
         # 1. How many completion tokens fit every token and cost limit?
         fit = completion_tokens
-        binding: tuple[Check, str] | None = None
-        for c, metric, window in all_checks:
-            if metric == 0:
+        binding: Check | None = None
+        for c in all_checks:
+            if c.metric == REQUESTS:
                 continue
             room = c.limit - c.used - c.reserved
-            if metric == 1:
+            if c.metric == TOKENS:
                 can = room - prompt_tokens
             else:
                 room_after_prompt = room * 10**6 - prompt_tokens * in_price
                 can = room_after_prompt // out_price if out_price else (completion_tokens if room_after_prompt >= 0 else -1)
             if can < fit:
-                fit, binding = can, (c, window)
+                fit, binding = can, c
         if binding is not None:
             if completion_is_default and fit >= min_completion_tokens:
                 completion_tokens = fit
@@ -490,37 +262,36 @@ class Limiter:
                 least = min_completion_tokens if completion_is_default else completion_tokens
 
                 def need_of(metric: int) -> int:
-                    if metric == 1:
+                    if metric == TOKENS:
                         return prompt_tokens + least
                     return -(-(prompt_tokens * in_price + least * out_price) // 10**6)  # rounded up: exact
 
-                c, window = binding
+                c = binding
                 worst = 1.0
-                for check, metric, win in all_checks:
-                    if metric != 0:
-                        over = need_of(metric) / check.limit if check.limit else float("inf")
+                for check in all_checks:
+                    if check.metric != REQUESTS:
+                        over = need_of(check.metric) / check.limit if check.limit else float("inf")
                         if over > worst:
-                            c, window, worst = check, win, over
-                need = need_of(LIMIT_FIELDS[c.name][0])
-                raise self._refusal(c, window, now, need, user_id, all_checks, default_budget=completion_is_default)
+                            c, worst = check, over
+                return self._refusal(c, now, need_of(c.metric), user_id, all_checks, default_budget=completion_is_default)
 
         # 2. Requests and concurrency.
-        for c, metric, window in all_checks:
-            if metric == 0 and c.used + c.reserved + 1 > c.limit:
-                raise self._refusal(c, window, now, 1, user_id, all_checks)
+        for c in all_checks:
+            if c.metric == REQUESTS and c.used + c.reserved + 1 > c.limit:
+                return self._refusal(c, now, 1, user_id, all_checks)
 
         # 3. Reserve against every window of both scopes (also those without a limit, so usage reads stay
         #    cheap and a limit set later sees what is already in flight).
         tokens = prompt_tokens + completion_tokens
-        cost = _cost(prompt_tokens, completion_tokens, price)
-        periods = ("d" + day_key(now), "m" + month_key(now), "total")
+        cost = cost_nusd(prompt_tokens, completion_tokens, price)
+        periods = ("d" + cal[DAY_KEY], "m" + cal[MONTH_KEY], "total")
         buckets, entries, conc = [], [], []
         for scope in ("*", model):
             for period in periods:
                 b = self._bucket(user_id, scope, period)
-                b.reserved[0] += 1
-                b.reserved[1] += tokens
-                b.reserved[2] += cost
+                b.reserved[REQUESTS] += 1
+                b.reserved[TOKENS] += tokens
+                b.reserved[COST] += cost
                 buckets.append(b)
             w = self._minute(user_id, scope, now)
             entries.append((w, w.add(now, tokens)))
@@ -543,9 +314,9 @@ class Limiter:
         self._end(hold, "settled")
         tokens = prompt_tokens + completion_tokens
         for b in hold.buckets:
-            b.used[0] += 1
-            b.used[1] += tokens
-            b.used[2] += cost_nusd
+            b.used[REQUESTS] += 1
+            b.used[TOKENS] += tokens
+            b.used[COST] += cost_nusd
         for w, entry in hold.minute_entries:
             w.adjust(entry, 1, tokens)
 
@@ -582,105 +353,60 @@ class Limiter:
             raise RuntimeError(f"hold already {hold.state}")
         hold.state = state
         for b in hold.buckets:
-            b.reserved[0] -= 1
-            b.reserved[1] -= hold.tokens
-            b.reserved[2] -= hold.cost_nusd
+            b.reserved[REQUESTS] -= 1
+            b.reserved[TOKENS] -= hold.tokens
+            b.reserved[COST] -= hold.cost_nusd
         for key in hold.concurrency_keys:
             self.concurrent[key] -= 1
         self.pending -= 1
 
-    # -- refusals and headers ------------------------------------------------------------------
+    # -- refusals ------------------------------------------------------------------------------
 
-    def _refusal(self, c: Check, window: str, now: float, need: int, user_id: str, checks: list, *,
-                 default_budget: bool = False):
+    def _refusal(self, c: Check, now: float, need: int, user_id: str, checks: list[Check], *,
+                 default_budget: bool = False) -> Refusal:
         """The refusal for limit ``c``. ``need`` is what the request needs of it, in the limit's unit
         (requests, tokens or nano-USD): more than the whole limit means it can never fit (not
         retryable, and the client is told what to change); otherwise it fits once usage frees up.
-        The error carries every check made (``checks``), for the x-ratelimit-* headers of the 429.
-
-        A day, month or total limit is named in proxyd's own x-proxyd-limit-* headers, never in
-        x-ratelimit-*: OpenAI's headers describe per-minute windows, and pacing tools read them so
-        (a daily quota shown there reads as "100 tokens a minute, wait 2h34m")."""
-        err = self._refusal_error(c, window, now, need, user_id, default_budget)
-        err.checks = checks
-        if window not in SHORT_TERM:
-            err.headers.update(limit_headers(c, c.remaining))
-        return err
-
-    def _refusal_error(self, c: Check, window: str, now: float, need: int, user_id: str, default_budget: bool):
-        where = "" if c.scope == "*" else f" for model {c.scope}"
-        shown = (lambda v: "$" + usd_str(v)) if c.name.endswith("_usd") else str
-        used = f"used {shown(c.used)}" + (f" + {shown(c.reserved)} reserved" if c.reserved else "")
-        headers: dict[str, str] = {}
-        metric = LIMIT_FIELDS[c.name][0]
+        It carries every check made (``checks``), for the x-ratelimit-* headers of the 429."""
+        retry: float | None = None
         if need > c.limit:
-            if c.limit == 0:  # the admin has shut this door
-                msg = f"{c.name}{where} is 0: no request can be admitted under it."
-                return QuotaExceeded(msg)
-            what = "the prompt plus the smallest completion budget" if default_budget else "prompt plus max_tokens"
-            fix = "Shorten the prompt." if default_budget else "Lower max_tokens or shorten the prompt."
-            amount = f"{need} tokens" if metric == 1 else f"at least {shown(need)}"
-            msg = f"Request too large for {c.name}{where}: it needs {amount} ({what}) but the limit is {shown(c.limit)}. {fix}"
-            return QuotaExceeded(msg, code="request_too_large")
-        if c.reserved and need <= c.limit - c.used:
+            kind = RefusalKind.CLOSED if c.limit == 0 else RefusalKind.TOO_LARGE
+        elif c.reserved and need <= c.limit - c.used:
             # It fits once requests in flight settle (they reserved the room; an answer without
             # max_tokens may hold all that is left): a matter of seconds, not of the period's end.
-            msg = (f"Rate limit reached for {c.name}{where}: {used} by requests in flight, of limit "
-                   f"{shown(c.limit)}. Try again when they finish.")
-            return RateLimited(msg, headers={"Retry-After": "1", "retry-after-ms": "1000"},
-                               type="tokens" if metric == 1 else "requests")
-        if window == "concurrent":
-            retry = 1.0
-        elif window == "minute":
+            kind, retry = RefusalKind.IN_FLIGHT, 1.0
+        elif c.window == CONCURRENT:
+            kind, retry = RefusalKind.RATE, 1.0
+        elif c.window == MINUTE:
             w = self.minutes[(user_id, c.scope)]
             short = need - (c.limit - c.used)
-            retry = max(0.001, w.free_at(metric, short, now) - now)
+            kind, retry = RefusalKind.RATE, max(0.001, w.free_at(c.metric, short, now) - now)
         else:
-            retry = (c.reset_at - now) if c.reset_at else None
-
-        if window in SHORT_TERM:
-            headers["Retry-After"] = str(max(1, int(retry + 0.999)))
-            headers["retry-after-ms"] = str(int(retry * 1000))
-            limit_str = f"{c.limit} concurrent requests" if window == "concurrent" else f"limit {shown(c.limit)}"
-            msg = f"Rate limit reached for {c.name}{where}: {used} of {limit_str}. Try again in {retry:.3g}s."
-            # OpenAI's error type names what ran out: "requests" or "tokens" per minute.
-            return RateLimited(msg, headers=headers, type="tokens" if metric == 1 else "requests")
-        if retry is not None:
-            headers["Retry-After"] = str(int(retry + 0.999))
-            resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + retry))
-            msg = f"Quota exceeded for {c.name}{where}: {used} of limit {shown(c.limit)}. Resets at {resets}."
-        else:
-            msg = f"Quota exceeded for {c.name}{where}: {used} of limit {shown(c.limit)}. This limit does not reset."
-        return QuotaExceeded(msg, headers=headers)
+            kind, retry = RefusalKind.QUOTA, (c.reset_at - now) if c.reset_at else None
+        return Refusal(kind, c, need, retry, checks, now, default_budget)
 
 
-_RESET_TEXT: dict[float, str] = {}  # period end -> its ISO text; a handful of distinct values a month
+class MemoryAdmission:
+    """The Admission port (proxyd/admission.py) over one process's ``Limiter``. The methods are
+    coroutines for the port's sake (a shared admission waits on the network); these never suspend."""
 
+    def __init__(self, limiter: Limiter, *, connections_per_key: int) -> None:
+        self.limiter = limiter
+        self.clock = limiter.clock
+        self.open_requests = OpenRequests(connections_per_key)
 
-def limit_headers(c: Check, remaining: int) -> dict[str, str]:
-    """proxyd's headers naming a long-term (day, month, total) limit: which one, its quota and what is
-    left in the limit's unit (USD as a decimal string for ``*_usd``), and when its period resets, as an
-    absolute UTC time (ISO 8601): periods end at fixed calendar instants, so the value is exact, the
-    same on every response of the period and does not go stale in a log or a cache; the relative wait
-    is the refusal's Retry-After. A total limit never resets: no reset header."""
-    shown = usd_str if c.name.endswith("_usd") else str
-    headers = {"x-proxyd-limit": c.name, "x-proxyd-limit-quota": shown(c.limit),
-               "x-proxyd-limit-remaining": shown(remaining if remaining > 0 else 0)}
-    if c.scope != "*":
-        headers["x-proxyd-limit-model"] = c.scope
-    if c.reset_at is not None:
-        text = _RESET_TEXT.get(c.reset_at)
-        if text is None:
-            if len(_RESET_TEXT) > 16:
-                _RESET_TEXT.clear()
-            text = _RESET_TEXT[c.reset_at] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.reset_at))
-        headers["x-proxyd-limit-reset"] = text
-    return headers
+    async def reserve(self, **request) -> Hold | Refusal:
+        return self.limiter.try_reserve(**request)
 
+    async def settle(self, hold: Hold, prompt_tokens: int, completion_tokens: int, cost_nusd: int) -> None:
+        self.limiter.settle(hold, prompt_tokens, completion_tokens, cost_nusd)
 
-def _cost(prompt_tokens: int, completion_tokens: int, price: tuple[int, int]) -> int:
-    """nano-USD, rounded half up; prices are nano-USD per million tokens."""
-    return (prompt_tokens * price[0] + completion_tokens * price[1] + 500_000) // 1_000_000
+    async def void(self, hold: Hold) -> None:
+        self.limiter.void(hold)
 
+    def status(self, user_id: str, scope: str, limits: Limits, now: float) -> list[Check]:
+        return self.limiter.checks(user_id, scope, limits, now)
 
-cost_nusd = _cost
+    @property
+    def pending(self) -> int:
+        return self.limiter.pending

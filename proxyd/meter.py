@@ -1,9 +1,13 @@
 """Metering: admit (reserve) a request, then settle it with its actual usage or void it. Exactly once.
 
-    ticket = meter.admit(...)          # limits checked and reserved in memory
+    ticket = await meter.reserve(...)  # limits checked and reserved (the Admission), or a Refusal
     ...forward, relay...
-    await meter.settle(ticket, usage)  # memory posted; row + daily aggregate committed (awaited)
-    or meter.void(ticket, ...)         # memory released; row written as voided
+    await meter.settle(ticket, usage)  # admission posted; row + daily aggregate committed (awaited)
+    or await meter.void(ticket, ...)   # admission released; row written as voided
+
+The admission (proxyd/admission.py; in memory: proxyd/limits.py) decides; the meter adds what a
+request is on the ledger. Which of settle or void ends a request is decided in one place, by the
+pipeline (proxyd/pipeline.py).
 
 The rows go to the Ledger (proxyd/storage/): the meter builds each one, a plain tuple in the ledger's column
 order, and the ledger stores it; times on it come from the injected clock, as the limiter's do.
@@ -27,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .accounts import Caller, User
-from .errors import QuotaExceeded, RateLimited
-from .limits import (Hold, Limiter, Limits, SlidingMinute, cost_nusd, day_key, go_duration, limit_headers, merge,
-                     month_key, usd_str)
-from .pricing import PriceTable
+from .admission import Admission, Refusal
+from .limits import Hold, Limits, SlidingMinute
+from .limitspec import merge
+from .periods import day_key, month_key
+from .pricing import PriceTable, cost_nusd, usd_str
 from .storage import Ledger, iso_ms
 
 
@@ -50,9 +55,8 @@ class Ticket:
     model: str
     endpoint: str
     stream: bool
-    hold: Hold
+    hold: Hold  # the admission's reservation handle
     started: float  # perf_counter, for latency
-    headers: dict[str, str]  # x-ratelimit-* and x-proxyd-limit-* for the response
 
     @property
     def prompt_tokens(self) -> int:
@@ -62,16 +66,12 @@ class Ticket:
     def completion_tokens(self) -> int:
         return self.hold.completion_tokens
 
-    @property
-    def ended(self) -> bool:
-        return self.hold.state != "pending"
-
 
 class Meter:
     def __init__(
         self,
         *,
-        limiter: Limiter,
+        admission: Admission,
         ledger: Ledger,
         prices: PriceTable,
         config_limits: dict[str, Any],
@@ -79,7 +79,9 @@ class Meter:
         pending_row_after_s: float = 1.0,
         metrics: Any = None,
     ) -> None:
-        self.limiter = limiter
+        self.admission = admission
+        # The in-memory engine behind it: seeded from the ledger at start, read by /healthz and tests.
+        self.limiter = admission.limiter
         self.ledger = ledger
         self.prices = prices
         self.defaults: Limits = config_limits.get("default", {})
@@ -120,7 +122,7 @@ class Meter:
 
     # -- the request path ------------------------------------------------------------------------
 
-    def admit(
+    async def reserve(
         self,
         *,
         caller: Caller,
@@ -131,31 +133,23 @@ class Meter:
         completion_tokens: int,
         completion_is_default: bool,
         request_id: str,
-    ) -> Ticket:
-        """Reserves or raises RateLimited/QuotaExceeded. Synchronous: atomic on the event loop."""
+    ) -> Ticket | Refusal:
+        """Reserves every limit of the request at once, or returns the admission's Refusal."""
         user_limits, model_limits = self._split(caller.user, model)
-        try:
-            hold = self.limiter.reserve(
-                user_id=caller.user.user_id,
-                model=model,
-                user_limits=user_limits,
-                model_limits=model_limits,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                completion_is_default=completion_is_default,
-                min_completion_tokens=self.min_completion_tokens,
-                price=self.prices.price(model),
-            )
-        except (RateLimited, QuotaExceeded) as refusal:
-            # OpenAI sends its x-ratelimit-* headers on a 429 too: the state that refused, nothing added.
-            # A long-term limit that refused is already named (limits.limit_headers): it stays the one named.
-            named = "x-proxyd-limit" in refusal.headers
-            for name, value in _rate_headers(refusal.checks, (0, 0, 0), self.limiter.clock(), entered=False,
-                                             long_term=not named).items():
-                refusal.headers.setdefault(name, value)
-            raise
-        headers = _rate_headers(hold.checks, (1, hold.tokens, hold.cost_nusd), hold.admitted_at, entered=True)
-        ticket = Ticket(request_id, caller, model, endpoint, stream, hold, time.perf_counter(), headers)
+        hold = await self.admission.reserve(
+            user_id=caller.user.user_id,
+            model=model,
+            user_limits=user_limits,
+            model_limits=model_limits,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            completion_is_default=completion_is_default,
+            min_completion_tokens=self.min_completion_tokens,
+            price=self.prices.price(model),
+        )
+        if type(hold) is Refusal:
+            return hold
+        ticket = Ticket(request_id, caller, model, endpoint, stream, hold, time.perf_counter())
         if self.pending_row_after_s > 0:
             self._awaiting_row[request_id] = ticket
             if self._sweep_handle is None:
@@ -191,17 +185,17 @@ class Meter:
         self._stop_waiting_for_row(ticket)
         in_price, out_price = self.prices.settle_price(ticket.model)
         cost = cost_nusd(usage.prompt_tokens, usage.completion_tokens, (in_price, out_price))
-        self.limiter.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
+        await self.admission.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
         if self.metrics:
             self.metrics.settled(ticket, usage)
         row = _row(ticket, "settled", self.ledger.clock(), http_status=http_status, usage=usage,
                    price=(in_price, out_price), cost=cost)
         await self.ledger.record_settled(row)  # the row and its share of the daily aggregate, one commit
 
-    def void(self, ticket: Ticket, *, http_status: int, error: str) -> None:
-        """Releases the reservation; the row records why. Nothing is billed."""
+    async def void(self, ticket: Ticket, *, http_status: int, error: str) -> None:
+        """Releases the reservation; the row records why (not awaited). Nothing is billed."""
         self._stop_waiting_for_row(ticket)
-        self.limiter.void(ticket.hold)
+        await self.admission.void(ticket.hold)
         if self.metrics:
             self.metrics.voided(ticket)
         self.ledger.record_voided(_row(ticket, "voided", self.ledger.clock(), http_status=http_status, error=error[:500]))
@@ -234,7 +228,7 @@ class Meter:
         out = []
         scopes = [("*", eff)] + [(m, lim) for m, lim in sorted(models.items())]
         for scope, limits in scopes:
-            for c, _metric, _window in self.limiter.checks(user.user_id, scope, limits, now):
+            for c in self.admission.status(user.user_id, scope, limits, now):
                 usd = c.name.endswith("_usd")
                 fmt = usd_str if usd else (lambda v: v)
                 out.append(
@@ -249,47 +243,6 @@ class Meter:
                     }
                 )
         return out
-
-
-def _rate_headers(checks: list, amounts: tuple[int, int, int], now: float, *, entered: bool,
-                  long_term: bool = True) -> dict[str, str]:
-    """The limit headers of a response, after this admission (``amounts``: the requests, tokens and
-    nano-USD it added; all 0 for a refusal). Computed from the checks the admission itself made (no
-    second pass over the windows), in one loop.
-
-    - OpenAI's x-ratelimit-* describe the tightest *per-minute* request and token limits only: that is
-      what they mean at OpenAI, and clients pace themselves by them (the openai SDK's users, LiteLLM,
-      rate-limit middlewares). A user with no per-minute limit gets none, as OpenAI has no such user.
-    - proxyd's x-proxyd-limit-* name the long-term (day, month, total) limit closest to running out,
-      as the fraction of its quota left (requests, tokens and cost are not comparable otherwise);
-      ``long_term=False`` when a refusal already named the long-term limit that refused.
-    """
-    headers: dict[str, str] = {}
-    minute: list = [None, None]  # per metric (requests, tokens): (left, check)
-    tight = None  # (fraction left, left, check)
-    for c, metric, window in checks:
-        left = c.limit - c.used - c.reserved - amounts[metric]  # inline, not c.remaining: per request, per limit
-        if window == "minute":
-            best = minute[metric]
-            if best is None or left < best[0]:
-                minute[metric] = (left, c)
-        elif long_term and window != "concurrent":
-            fraction = left / c.limit if c.limit else 0.0
-            if tight is None or fraction < tight[0]:
-                tight = (fraction, left, c)
-    for metric, suffix in ((0, "requests"), (1, "tokens")):
-        best = minute[metric]
-        if best is not None:
-            left, c = best
-            headers[f"x-ratelimit-limit-{suffix}"] = str(c.limit)
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(left if left > 0 else 0)
-            # Reset = time until the window is fully replenished: 60 s when this very request just
-            # entered the sliding minute, else when its newest entry leaves.
-            reset = 60.0 if entered else c.reset_at - now
-            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(max(0.0, reset))
-    if tight is not None:
-        headers.update(limit_headers(tight[2], tight[1]))
-    return headers
 
 
 def _row(ticket: Ticket, status: str, finished_at: float | None, *, http_status: int | None = None,

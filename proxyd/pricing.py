@@ -115,3 +115,13 @@ def _nusd(value: Any, where: str) -> int:
 
 def _usd(nusd: int) -> str:
     return format(Decimal(nusd) / NANO, "f")
+
+
+def cost_nusd(prompt_tokens: int, completion_tokens: int, price: tuple[int, int]) -> int:
+    """nano-USD, rounded half up; prices are nano-USD per million tokens."""
+    return (prompt_tokens * price[0] + completion_tokens * price[1] + 500_000) // 1_000_000
+
+
+def usd_str(nusd: int) -> str:
+    whole, frac = divmod(abs(nusd), NANO)
+    return f"{'-' if nusd < 0 else ''}{whole}.{frac:09d}"

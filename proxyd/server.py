@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import tornado.web
@@ -20,7 +20,10 @@ from .config import Config, ConfigError
 from .errors import InvalidRequest
 from .handlers import admin, openai, usage
 from .handlers.base import BaseHandler, NotFoundHandler
-from .limits import Limiter, parse_limits
+from .backends import Router
+from .backends.ollama import OllamaBackend
+from .limits import Limiter, MemoryAdmission
+from .limitspec import parse_limits
 from .meter import Meter
 from .metrics import Metrics
 from .modelname import canonical_keys
@@ -46,14 +49,18 @@ class Context:
     metrics: Metrics | None
     in_flight: int = 0
     shutting_down: bool = False
+    router: Router | None = None  # picks the backend of a model (proxyd/backends/)
     demo: bool = False  # app.py --demo: the upstream is the bundled emulator
-    open_per_key: dict[str, set] = field(default_factory=dict)  # key id -> its open handlers (base.py)
+
+    @property
+    def open_per_key(self) -> dict[str, set]:
+        """key id -> its open requests (the admission's ``OpenRequests``)."""
+        return self.meter.admission.open_requests.by_key
 
     def cut_off(self, make_error: Callable[[], Any], reason: str, key_ids: Any = None) -> int:
         """Ends the running requests of ``key_ids`` (all keys if None) with a fresh ``make_error()`` each;
         returns how many were told. Used by the admin API (revoked key, disabled user) and the shutdown."""
-        groups = self.open_per_key.items() if key_ids is None else ((k, self.open_per_key.get(k, ())) for k in key_ids)
-        handlers = [h for _key, group in groups for h in group]  # copied: handlers leave the sets as they end
+        handlers = self.meter.admission.open_requests.of(key_ids)
         for handler in handlers:
             handler.cut_off(make_error(), reason)
         return len(handlers)
@@ -144,8 +151,9 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     accounts.load(lambda raw: parse_limits(raw, "stored limits", stored=True))
     metrics = Metrics(per_user_labels=config["metrics.per_user_labels"]) if config["metrics.enabled"] else None
     limiter = Limiter(clock=clock)
+    admission = MemoryAdmission(limiter, connections_per_key=config["server.max_connections_per_key"])
     meter = Meter(
-        limiter=limiter,
+        admission=admission,
         ledger=storage,
         prices=prices,
         config_limits=config_limits,
@@ -186,7 +194,8 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
         deny_endpoints=upstream_endpoints(config["upstream.url"]),
     )
     images = ImageInliner(policy, resolver=image_resolver)
-    return Context(config, storage, accounts, meter, tokens, upstream, images, metrics)
+    router = Router([OllamaBackend(upstream, images)])
+    return Context(config, storage, accounts, meter, tokens, upstream, images, metrics, router=router)
 
 
 class HealthHandler(BaseHandler):

@@ -130,6 +130,11 @@ def max_tokens(body: dict[str, Any]) -> int | None:
 
 def chat(body: dict[str, Any]) -> tuple[str, bool, bool]:
     """-> (model, stream, include_usage)."""
+    return chat_plan(body)[:3]
+
+
+def chat_plan(body: dict[str, Any]) -> tuple[str, bool, bool, int | None]:
+    """-> (model, stream, include_usage, the client's completion cap)."""
     _go_keys(body, CHAT_FIELDS, "")
     model = _model(body)
     messages = body.get("messages")
@@ -156,8 +161,7 @@ def chat(body: dict[str, Any]) -> tuple[str, bool, bool]:
     stream = _flag(body, "stream")
     include_usage = _stream_options(body, stream)
     _single_choice(body)
-    max_tokens(body)
-    return model, stream, include_usage
+    return model, stream, include_usage, max_tokens(body)
 
 
 def _message_fields(msg: dict[str, Any], where: str) -> None:
@@ -203,6 +207,11 @@ def _part(part: Any, where: str) -> None:
 
 
 def completions(body: dict[str, Any]) -> tuple[str, bool, bool]:
+    return completions_plan(body)[:3]
+
+
+def completions_plan(body: dict[str, Any]) -> tuple[str, bool, bool, int | None]:
+    """-> (model, stream, include_usage, the client's completion cap)."""
     _go_keys(body, COMPLETION_FIELDS, "")
     model = _model(body)
     prompt = body.get("prompt")
@@ -213,8 +222,7 @@ def completions(body: dict[str, Any]) -> tuple[str, bool, bool]:
     stream = _flag(body, "stream")
     include_usage = _stream_options(body, stream)
     _single_choice(body)
-    max_tokens(body)
-    return model, stream, include_usage
+    return model, stream, include_usage, max_tokens(body)
 
 
 def embeddings(body: dict[str, Any]) -> tuple[str, list[str]]:

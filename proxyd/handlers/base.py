@@ -30,9 +30,10 @@ from ..errors import (
     PayloadTooLarge,
     PermissionDenied,
     ProxyError,
-    RateLimited,
     ServiceUnavailable,
 )
+from ..limits_http import refusal_error
+from ..pipeline import ClientGone
 
 log = logging.getLogger("proxyd.http")
 
@@ -66,13 +67,6 @@ def new_request_id() -> str:
     millisecond (which would overwrite a row through the upsert) practically impossible, also across
     processes."""
     return f"req_{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"
-
-
-class ClientGone(Exception):
-    """The client closed its connection; nothing more can be sent to it."""
-
-    def __init__(self) -> None:
-        super().__init__("client closed the connection")  # what the ledger row's error column says
 
 
 @tornado.web.stream_request_body
@@ -183,22 +177,20 @@ class BaseHandler(tornado.web.RequestHandler):
 
     # -- auth ----------------------------------------------------------------------------------------
 
-    def authenticate_user(self) -> None:
-        self.caller = self.ctx.accounts.authenticate(self.request.headers.get("Authorization"))
+    def authenticate_user(self, credentials: str | None = None) -> None:
+        """The caller from its key (``credentials``: an Authorization value; by default this request's).
+
+        Then the key's cap on open requests (the admission's ``OpenRequests``), before any limit or
+        upstream work: one key (or a stolen one) cannot hold all of the proxy's connections. The same
+        registry lets the admin API and the shutdown reach a key's running requests (``cut_off``)."""
+        if credentials is None:
+            credentials = self.request.headers.get("Authorization")
+        self.caller = self.ctx.accounts.authenticate(credentials)
         self.log_fields["user_id"] = self.caller.user.user_id
-        self.log_fields["key_id"] = self.caller.key_id
-        # A cap on open requests per key, before any limit or upstream work: one key (or a stolen one)
-        # cannot hold all of the proxy's connections.
-        # The same registry (key id -> its open handlers) lets the admin API and the shutdown reach a
-        # key's running requests (``cut_off``); adding and removing is O(1).
-        key_id, cap = self.caller.key_id, self.ctx.config["server.max_connections_per_key"]
-        open_now = self.ctx.open_per_key.get(key_id)
-        if open_now is None:
-            open_now = self.ctx.open_per_key[key_id] = set()
-        elif len(open_now) >= cap:
-            raise RateLimited(f"Too many open requests on this API key ({len(open_now)}, the cap is {cap}).",
-                              headers={"Retry-After": "1", "retry-after-ms": "1000"})
-        open_now.add(self)
+        self.log_fields["key_id"] = key_id = self.caller.key_id
+        refusal = self.ctx.meter.admission.open_requests.enter(key_id, self)
+        if refusal is not None:
+            raise refusal_error(refusal, 0.0)
         self._key_slot = key_id
 
     def authenticate_admin(self) -> None:
@@ -236,7 +228,11 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.set_header("Content-Type", "application/json")
         self.log_fields["error"] = err.message
-        self.finish(json.dumps(err.body(), separators=(",", ":")))
+        self.finish(self.error_body(err))
+
+    def error_body(self, err: ProxyError) -> bytes:
+        """The error envelope: OpenAI's, unless the route's dialect has its own (``ProxyHandler``)."""
+        return json.dumps(err.body(), separators=(",", ":")).encode()
 
     def allowed_methods(self) -> list[str]:
         """The HTTP methods this handler implements (its own get/post/... overrides)."""
@@ -277,10 +273,7 @@ class BaseHandler(tornado.web.RequestHandler):
             self._counted = False
             self.ctx.in_flight -= 1
         if getattr(self, "_key_slot", None) is not None:
-            left = self.ctx.open_per_key[self._key_slot]
-            left.discard(self)
-            if not left:
-                del self.ctx.open_per_key[self._key_slot]
+            self.ctx.meter.admission.open_requests.leave(self._key_slot, self)
             self._key_slot = None
 
 

@@ -1,0 +1,49 @@
+"""Backends: one per kind of upstream, and the router that picks one for a model.
+
+A backend knows its upstream's wire: how to open a request (its paths, its connection pool), its
+model-name rules, its image policy, how its errors read and become proxyd's, how its streams are
+framed, its health probe and its quirks. It knows nothing of metering or of the client's dialect.
+The one kind today is Ollama's OpenAI-compatible API (``OllamaBackend``); docs/DESIGN.md says what a
+second kind (``kind: openai``) and several upstreams with failover take.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Backend(Protocol):
+    name: str  # as /healthz names it
+    # operation ("chat", "completions", "embeddings", "models") -> the upstream's path for it
+    paths: dict[str, str]
+
+    async def open(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Sends a request and waits for the response's headers (an ``proxyd.upstream.UpstreamResponse``:
+        status, read(), chunks(), release(), abort())."""
+
+    def stream_parser(self) -> Any:
+        """A fresh parser for one response stream: ``feed(bytes)`` yields each event's payload, and
+        ``proxyd.sse.DONE`` once the upstream says the stream is complete."""
+
+    def error(self, status: int, raw: bytes) -> Exception:
+        """The upstream's error answer as the ProxyError the client gets."""
+
+    def stream_usage(self, doc: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any] | None:
+        """The usage a stream event carries, or None if it is not a report (quirks live here)."""
+
+    def canonical_model(self, name: str) -> str:
+        """The model a name means to this upstream ("" if the upstream would refuse the name)."""
+
+    async def health(self) -> tuple[bool, str]: ...
+
+
+class Router:
+    """Picks the backend that serves a model. One backend today: every model goes to it. Several
+    upstreams (by model, with failover) replace ``pick`` and nothing else."""
+
+    def __init__(self, backends: list[Backend]) -> None:
+        self.backends = backends
+        self.default = backends[0]
+
+    def pick(self, model: str) -> Backend:
+        return self.default
