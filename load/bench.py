@@ -371,7 +371,7 @@ class Stack:
         env["PROXYD_ADMIN_TOKEN"] = ADMIN_TOKEN
         env["PYTHONUNBUFFERED"] = "1"
         self.emu_port, self.proxy_port, self.fwd_port = free_port(), free_port(), free_port()
-        self.emulator = Proc(f"emulator-{label}", [PY, "-m", "proxyd.emulator", "--port", str(self.emu_port),
+        self.emulator = Proc(f"emulator-{label}", [PY, "-m", "ollama_emulator", "--port", str(self.emu_port),
                                                    "--token-delay", str(token_delay), "--log-level", "WARNING"], d, env)
         self.db = d / f"proxy-{label}.db"
         cfg = d / f"proxy-{label}.yaml"

@@ -24,7 +24,7 @@ import aiohttp
 import openai
 import pytest
 
-from proxyd.emulator import EmulatorState, parse_fault, start_emulator
+from ollama_emulator import EmulatorState, parse_fault, start_emulator
 
 HI = [{"role": "user", "content": "Hi"}]
 PNG_1PX = base64.b64decode(
@@ -564,7 +564,7 @@ def test_parse_fault() -> None:
 
 def test_command_line_serves_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxyd.emulator", "--port", "0", "--stream-format", "new"],
+        [sys.executable, "-m", "ollama_emulator", "--port", "0", "--stream-format", "new"],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
