@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import logging
 import signal
-from typing import Optional
 
 from .server import start_emulator
 
 log = logging.getLogger("ollama_emulator")
 
 
-def parse_args(argv: Optional[list]) -> argparse.Namespace:
+def parse_args(argv: list | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ollama_emulator", description="Ollama /v1 emulator")
     p.add_argument("--port", type=int, default=11434)
     p.add_argument("--address", default="127.0.0.1")
@@ -48,13 +47,13 @@ async def serve(args: argparse.Namespace) -> None:
     server.stop()
     try:
         await asyncio.wait_for(server.close_all_connections(), 2.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     state.tokens.close()
     log.info("ollama emulator stopped")
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: list | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(args))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger("ollama_emulator")
 
@@ -63,7 +63,7 @@ def directives(text: str) -> dict[str, str]:
     return {k: v.strip() for k, v in _DIRECTIVE.findall(text)}
 
 
-def steer(text: str, queued: Optional[Fault]) -> tuple[int, Optional[Fault]]:
+def steer(text: str, queued: Fault | None) -> tuple[int, Fault | None]:
     """Reads [[emu:...]] directives: (natural reply length, fault). A queued fault wins."""
     found = directives(text) if "[[emu:" in text else {}
     natural = DEFAULT_REPLY_TOKENS
@@ -81,6 +81,6 @@ def steer(text: str, queued: Optional[Fault]) -> tuple[int, Optional[Fault]]:
     return natural, fault
 
 
-def pad_bytes(fault: Optional[Fault]) -> int:
+def pad_bytes(fault: Fault | None) -> int:
     """huge:N: the reply is padded to at least N bytes."""
     return fault.arg if fault is not None and fault.name == "huge" else 0

@@ -9,7 +9,7 @@ import ipaddress
 import logging
 import random
 import struct
-from typing import Any, Optional
+from typing import Any
 
 import tornado.iostream
 import tornado.web
@@ -89,13 +89,13 @@ class BaseHandler(tornado.web.RequestHandler):
     def initialize(self, state: EmulatorState) -> None:
         self.state = state
         self.body_json: Any = None
-        self.body_error: Optional[str] = None
-        self._gone: Optional[asyncio.Event] = None
+        self.body_error: str | None = None
+        self._gone: asyncio.Event | None = None
 
     def set_default_headers(self) -> None:
         self.clear_header("Server")  # Go's net/http sends none
 
-    def compute_etag(self) -> Optional[str]:
+    def compute_etag(self) -> str | None:
         return None  # no ETag / 304 logic: Ollama has none
 
     def prepare(self) -> None:
@@ -226,12 +226,12 @@ class InferenceHandler(BaseHandler):
         except OllamaError as err:
             self.write_ollama_error(err)
 
-    async def serve(self, fault: Optional[Fault]) -> None:
+    async def serve(self, fault: Fault | None) -> None:
         raise NotImplementedError
 
     # -- helpers shared by the endpoints ----------------------------------------------------
 
-    async def before_answer(self, fault: Optional[Fault]) -> bool:
+    async def before_answer(self, fault: Fault | None) -> bool:
         """Applies the faults that decide whether there is an answer at all. False = no answer."""
         if fault is None:
             return True
@@ -253,7 +253,7 @@ class InferenceHandler(BaseHandler):
             else:
                 try:
                     await asyncio.wait_for(self._gone.wait(), seconds)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         return self._gone.is_set()
 
@@ -266,7 +266,7 @@ class InferenceHandler(BaseHandler):
         assert self._gone is not None
         await self._gone.wait()
 
-    async def answer_once(self, body: Any, fault: Optional[Fault], delay: float) -> None:
+    async def answer_once(self, body: Any, fault: Fault | None, delay: float) -> None:
         """A non-stream answer after ``delay``, honouring cut_after / stall_after / bad_json."""
         if await self.pause(delay):
             self.state.cancelled_answers += 1
@@ -306,7 +306,7 @@ class InferenceHandler(BaseHandler):
             return False
         return True
 
-    async def run_stream(self, events: Events, fault: Optional[Fault]) -> None:
+    async def run_stream(self, events: Events, fault: Fault | None) -> None:
         """Writes SSE events with the configured delays, faults and cancellation handling."""
         opts = self.state.options
         stop_at, cut = None, False
@@ -349,7 +349,7 @@ class InferenceHandler(BaseHandler):
     def _cancelled(self) -> None:
         self.state.cancelled_streams += 1
 
-    def usage_allowed(self, job: Job, fault: Optional[Fault]) -> bool:
+    def usage_allowed(self, job: Job, fault: Fault | None) -> bool:
         no_usage = fault is not None and fault.name == "no_usage"
         return job.include_usage and self.state.options.send_usage and not no_usage
 
@@ -364,12 +364,12 @@ class InferenceHandler(BaseHandler):
             raise OllamaError(404, f"model '{job.model}' not found")
         return found
 
-    def stream_usage(self, job: Job, fault: Optional[Fault], prompt: int, reply: Reply) -> Optional[dict]:
+    def stream_usage(self, job: Job, fault: Fault | None, prompt: int, reply: Reply) -> dict | None:
         return usage(prompt, reply.completion_tokens) if self.usage_allowed(job, fault) else None
 
 
 class ChatHandler(InferenceHandler):
-    async def serve(self, queued: Optional[Fault]) -> None:
+    async def serve(self, queued: Fault | None) -> None:
         opts = self.state.options
         job = parse_chat(self.body_json)
         model = self.resolve_model(job, missing_status=400)
@@ -400,7 +400,7 @@ class ChatHandler(InferenceHandler):
 
 
 class CompletionsHandler(InferenceHandler):
-    async def serve(self, queued: Optional[Fault]) -> None:
+    async def serve(self, queued: Fault | None) -> None:
         opts = self.state.options
         job = parse_completion(self.body_json)
         model = self.resolve_model(job, missing_status=404)
@@ -428,7 +428,7 @@ class CompletionsHandler(InferenceHandler):
 
 
 class EmbeddingsHandler(InferenceHandler):
-    async def serve(self, queued: Optional[Fault]) -> None:
+    async def serve(self, queued: Fault | None) -> None:
         opts = self.state.options
         model_name, inputs, fmt, dimensions = parse_embeddings(self.body_json)
         if not model_name:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from .wire import (
     CHAT_FIELDS,
@@ -37,14 +37,14 @@ class Job:
     model: str  # as sent: Ollama echoes it
     stream: bool
     include_usage: bool
-    max_tokens: Optional[int]
+    max_tokens: int | None
     steer_text: str  # where [[emu:...]] directives are read from
-    messages: Optional[list] = None  # chat
-    prompt: Optional[str] = None  # completions
+    messages: list | None = None  # chat
+    prompt: str | None = None  # completions
     images: int = 0
     bad_image: bool = False
     wants_thinking: bool = False  # reasoning_effort other than "none": no emulated model thinks
-    tools: Optional[list] = None  # chat: rendered into the prompt by the template, so counted
+    tools: list | None = None  # chat: rendered into the prompt by the template, so counted
     suffix: str = ""  # completions: fill-in-the-middle text after the prompt
 
 
@@ -172,7 +172,7 @@ def parse_completion(body: Any) -> Job:
     )
 
 
-def parse_embeddings(body: Any) -> tuple[str, list[str], str, Optional[int]]:
+def parse_embeddings(body: Any) -> tuple[str, list[str], str, int | None]:
     """(model, inputs, encoding_format, dimensions), in the order Ollama validates them (§7)."""
     body = check_struct(body, "EmbedRequest", EMBED_FIELDS)
     raw = body.get("input")

@@ -18,14 +18,17 @@ proxy's code would agree with the proxy's bugs. The steps, in the order server/m
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG = "registry.ollama.ai", "library", "latest"
 MISSING = "!MISSING!"
 
 # What unicode.IsSpace calls space (strings.TrimSpace). Not str.strip()'s set: that one also trims
 # U+001C..U+001F, which Go leaves in place.
-GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+GO_SPACE = (
+    "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
 
 _ALNUM_ = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 # name.go isValidPart: after the first byte, '-' and '_' everywhere, '.' but not in a namespace, ':'
@@ -128,7 +131,7 @@ def parse_ref(raw: str) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of names repeat on every request of a load test
-def resolve(raw: str) -> Optional[ModelName]:
+def resolve(raw: str) -> ModelName | None:
     """The model a request names, or None when Ollama refuses the name. A cloud model is named as
     modelref.NormalizePullName names it (``qwen3:cloud``, ``gpt-oss:20b-cloud``): another model than
     the local one of the same name."""
@@ -144,7 +147,7 @@ def resolve(raw: str) -> Optional[ModelName]:
     return name
 
 
-def find(requested: str, installed: tuple) -> Optional[str]:
+def find(requested: str, installed: tuple) -> str | None:
     """The installed model (as configured) that ``requested`` names, as getExistingName matches it."""
     want = resolve(requested)
     if want is None:

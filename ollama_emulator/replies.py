@@ -13,7 +13,6 @@ import math
 import random
 import struct
 from dataclasses import dataclass
-from typing import Optional
 
 VOCAB = (
     "alpha", "beta", "gamma", "delta", "epsilon", "eta", "theta", "lambda", "mu", "nu",
@@ -35,7 +34,7 @@ class Reply:
         return "".join(self.words)
 
 
-def plan_reply(natural: int, max_tokens: Optional[int], pad_bytes: int = 0) -> Reply:
+def plan_reply(natural: int, max_tokens: int | None, pad_bytes: int = 0) -> Reply:
     """The reply's tokens and how it ends.
 
     Ollama counts the EOS token (notes §2): a natural stop after n visible tokens reports n + 1.

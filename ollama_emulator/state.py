@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 from .faults import Fault, parse_fault
 from .templates import template_for
@@ -39,7 +38,7 @@ class EmulatorOptions:
 class EmulatorState:
     """Everything one emulator instance owns, and what tests read back (requests, counters)."""
 
-    def __init__(self, options: Optional[EmulatorOptions] = None) -> None:
+    def __init__(self, options: EmulatorOptions | None = None) -> None:
         self.options = options or EmulatorOptions()
         self.requests: collections.deque = collections.deque(maxlen=1000)
         self.faults: collections.deque = collections.deque()
@@ -49,7 +48,7 @@ class EmulatorState:
         self.completed = 0  # inference responses delivered in full (stream reached [DONE])
         # The listening address, for the Host check (Ollama checks the listener, not the connection).
         # None when the app was served by someone else: then the connection's local address is used.
-        self.bound_address: Optional[str] = None
+        self.bound_address: str | None = None
         self.hostname = socket.gethostname().lower()
         self.tokens = Counter(lambda model: template_for(model).vocab)
 
@@ -57,5 +56,5 @@ class EmulatorState:
         parse_fault(fault)  # fail at the caller, not later inside a request
         self.faults.append(fault)
 
-    def take_fault(self) -> Optional[Fault]:
+    def take_fault(self) -> Fault | None:
         return parse_fault(self.faults.popleft()) if self.faults else None

@@ -23,12 +23,13 @@ The templates, by model:
 - any other model: Ollama's own template/chatml.gotmpl, with a qwen2.5-coder style fill-in-the-middle
   branch for /v1/completions with a ``suffix``.
 
-Where the emulator knowingly departs from Ollama (each to keep what a test relies on, see
-docs/DESIGN.md "The emulator is a package of its own"):
+Where the emulator knowingly departs from Ollama (docs/DESIGN.md "The emulator is a package of its
+own"):
 
-- An image counts ``image_tokens`` positions and nothing else: the ``[img-N]`` tag and the "\\n\\n" that
-  joins an image part to the text parts are not rendered, so a prompt with one image is exactly
-  ``image_tokens`` more than the same prompt without it.
+- An image next to text counts ``image_tokens`` positions and nothing else: the ``[img-N]`` tag and the
+  "\\n\\n" that joins an image part to the text parts are not rendered, so a prompt with one image is
+  exactly ``image_tokens`` more than the same prompt without it (a test relies on it). An image-only
+  message is its tag, as in Ollama.
 - The assistant turns of the llama3.2 template also write their Thinking (``<think>\\n…\\n</think>``,
   as thinking templates such as qwen3's do), which the real llama3.2 template leaves out: a test double
   for the proxy's estimate of templated fields needs a template that renders them.
@@ -39,8 +40,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from .names import resolve
 from .tokenizer import CHATML_STANDIN, GPT2_STANDIN, IMAGE, LLAMA3, Vocabulary
@@ -223,7 +225,7 @@ class Template:
     name: str
     vocab: Vocabulary
     render: Callable[[str, list[Message], list[str]], str]
-    fim: Optional[Callable[[str, str], str]] = None
+    fim: Callable[[str, str], str] | None = None
 
 
 LLAMA32 = Template("llama3.2", LLAMA3, _llama32)

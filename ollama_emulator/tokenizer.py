@@ -19,8 +19,8 @@ import base64
 import functools
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
 
 import tiktoken
 
@@ -38,7 +38,9 @@ _LLAMA3_NAMED = (
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
     "<|eot_id|>", "<|python_tag|>", "<|image|>",
 )  # fmt: skip
-LLAMA3_SPECIALS = _LLAMA3_NAMED + tuple(f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(_LLAMA3_NAMED) + 2))
+LLAMA3_SPECIALS = _LLAMA3_NAMED + tuple(
+    f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(_LLAMA3_NAMED) + 2)
+)
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>")
 GPT2_SPECIALS = ("<|endoftext|>",)
 
@@ -135,7 +137,7 @@ class Counter:
 
     def __init__(self, vocab_for: Callable[[str], Vocabulary]) -> None:
         self._vocab_for = vocab_for
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: ThreadPoolExecutor | None = None
 
     async def prompt(self, vocab: Vocabulary, prompt: str) -> int:
         if len(prompt) < OFFLOAD_CHARS:

@@ -2,15 +2,16 @@
 shapes of its answers (shared/notes/ollama-wire.md §2-§7; openai/openai.go and middleware/openai.go
 at ollama/ollama fb30760).
 
-Everything here is pure: bytes in, bytes or values out, no Tornado.
+No Tornado here: values in, bytes or values out.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any, Iterator, Optional
+from typing import Any
 
 FINGERPRINT = "fp_ollama"
 MODEL_CREATED = 1724000000  # the "modified time" every emulated model reports in /v1/models
@@ -191,7 +192,7 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def decode_body(raw: bytes) -> tuple[Any, Optional[str]]:
+def decode_body(raw: bytes) -> tuple[Any, str | None]:
     """(value, None) or (None, Go error text). Like Go's Decoder.Decode, trailing data is ignored."""
     doc = raw.decode("utf-8", "replace")
     start = len(doc) - len(doc.lstrip(" \t\r\n"))
@@ -375,7 +376,7 @@ def _chunk(rid: str, created: int, model: str, choices: list) -> dict:
     }
 
 
-def chat_events_old(model: str, rid: str, words: list, finish_reason: str, use: Optional[dict]) -> Events:
+def chat_events_old(model: str, rid: str, words: list, finish_reason: str, use: dict | None) -> Events:
     """§3a (v0.5.2..v0.32.5): role in every delta, `created` per chunk, finish_reason on a final
     empty-content chunk."""
     for word in words:
@@ -393,7 +394,7 @@ def chat_events_old(model: str, rid: str, words: list, finish_reason: str, use: 
     yield TAIL, DONE
 
 
-def chat_events_new(model: str, rid: str, words: list, finish_reason: str, use: Optional[dict]) -> Events:
+def chat_events_new(model: str, rid: str, words: list, finish_reason: str, use: dict | None) -> Events:
     """§3b (v0.32.6+): role only in the first delta, one `created`, a separate `{}` finish chunk."""
     created = int(time.time())
     for i, word in enumerate(words or [""]):  # an empty completion still opens with a role chunk
@@ -406,7 +407,7 @@ def chat_events_new(model: str, rid: str, words: list, finish_reason: str, use: 
     yield TAIL, DONE
 
 
-def completion_events(model: str, rid: str, words: list, finish_reason: str, use: Optional[dict]) -> Events:
+def completion_events(model: str, rid: str, words: list, finish_reason: str, use: dict | None) -> Events:
     """§3c: finish_reason on the done chunk; with include_usage every chunk has a zeroed usage."""
     zeroed = {"usage": usage(0, 0)} if use is not None else {}
 

@@ -81,7 +81,8 @@ def test_the_emulator_does_not_import_proxyd():
 
 def test_importing_the_emulator_loads_no_proxyd_module():
     """The same at run time, in a fresh interpreter (catches an importlib call that ast cannot see)."""
-    code = "import sys, ollama_emulator.handlers, ollama_emulator.__main__; print(sorted(m for m in sys.modules if m.split('.')[0] == 'proxyd'))"
+    code = ("import sys, ollama_emulator.handlers, ollama_emulator.__main__; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'proxyd'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
