@@ -67,7 +67,7 @@ async def serve(config, *, demo: bool = False) -> int:
     _, open_files = raise_open_file_limit()
     emulator_server = None
     if demo:
-        from proxyd.emulator import start_emulator
+        from ollama_emulator import start_emulator  # a test double, not part of proxyd: imported only here
 
         emulator_server, emu_port, _state = await start_emulator(port=0, token_delay_s=0.03)
         config["upstream.url"] = f"http://127.0.0.1:{emu_port}"
@@ -85,7 +85,8 @@ async def serve(config, *, demo: bool = False) -> int:
         path = config["database.path"]
         raise StartupError(f"cannot open the ledger at {path}: {exc} (does its directory exist and is it writable? "
                            "set database.path or PROXYD_DB)") from None
-    ctx.demo = demo
+    if demo:
+        ctx.upstream_kind = "emulator"
     ctx.ledger.bind_loop(loop)
     # Load the tokenizers now (~0.2 s for the Llama 3 ranks), not in the first client's request.
     for model in config["models"]:

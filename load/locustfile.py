@@ -1,7 +1,7 @@
 """A realistic load test of proxyd with Locust: many users, each with its own key, a mixed workload.
 
     # proxyd with an admin token, in front of Ollama or the emulator, e.g.
-    #   python -m proxyd.emulator --port 11434 --token-delay 0.01 &
+    #   python -m ollama_emulator --port 11434 --token-delay 0.01 &
     #   PROXYD_ADMIN_TOKEN=bench-admin-token PROXYD_DB=/tmp/locust.db python app.py &
     locust -f load/locustfile.py --host http://127.0.0.1:8000                            # web UI, :8089
     locust -f load/locustfile.py --host http://127.0.0.1:8000 --headless -u 50 -r 10 -t 30s

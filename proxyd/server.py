@@ -50,7 +50,7 @@ class Context:
     in_flight: int = 0
     shutting_down: bool = False
     router: Router | None = None  # picks the backend of a model (proxyd/backends/)
-    demo: bool = False  # app.py --demo: the upstream is the bundled emulator
+    upstream_kind: str = "ollama"  # what the admin view of /healthz calls the upstream (app.py --demo: "emulator")
 
     @property
     def open_per_key(self) -> dict[str, set]:
@@ -212,7 +212,7 @@ class HealthHandler(BaseHandler):
         upstream: dict[str, Any] = {"reachable": ok}
         body: dict[str, Any] = {"status": "ok" if ok else "degraded", "upstream": upstream}
         if admin:
-            upstream.update(url=self.ctx.upstream.base_url, kind="emulator" if self.ctx.demo else "ollama", detail=detail)
+            upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=detail)
             body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
                         ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings())
         self.send_json(body, 200 if ok else 503)

@@ -18,7 +18,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from proxyd.config import load_config
-from proxyd.emulator import start_emulator
+from ollama_emulator import start_emulator
 from proxyd.server import build_context, make_app
 
 ADMIN_TOKEN = "test-admin-token"

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark (load/bench.py): it runs end to end and its JSON has the figures.
+"""Smoke test of the benchmark (load/bench/): it runs end to end and its JSON has the figures.
 
 No timing assertions: this only proves that the emulator, the proxy (accounting on) and the forwarder
 start, that every phase runs and that the results are written. The real numbers come from a full run

@@ -24,7 +24,9 @@ import aiohttp
 import openai
 import pytest
 
-from proxyd.emulator import EmulatorState, parse_fault, start_emulator
+from ollama_emulator import EmulatorState, names, parse_fault, start_emulator
+from ollama_emulator.replies import VOCAB
+from ollama_emulator.templates import chat_prompt, template_for
 
 HI = [{"role": "user", "content": "Hi"}]
 PNG_1PX = base64.b64decode(
@@ -564,7 +566,7 @@ def test_parse_fault() -> None:
 
 def test_command_line_serves_and_stops_on_sigterm() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxyd.emulator", "--port", "0", "--stream-format", "new"],
+        [sys.executable, "-m", "ollama_emulator", "--port", "0", "--stream-format", "new"],
         cwd=ROOT,
         stderr=subprocess.PIPE,
         text=True,
@@ -587,3 +589,104 @@ def test_command_line_serves_and_stops_on_sigterm() -> None:
             proc.kill()
         proc.wait()
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+# -- the emulator's own model-name rules, tokenizer and templates ------------------------------
+
+
+@pytest.mark.parametrize("spelling", [
+    "moondream", "MoonDream", " moondream\t", "moondream:latest", "moondream:LATEST", "moondream:local",
+    "library/moondream", "registry.ollama.ai/library/moondream:latest", "https://registry.ollama.ai/library/moondream",
+])
+def test_names_ollama_serves_as_one_model(spelling: str) -> None:
+    # ollama/ollama types/model/name.go ParseName + internal/modelref ParseRef, matched part by part
+    # with EqualFold (server/routes.go getExistingName).
+    assert names.find(spelling, ("llama3.2:1b", "moondream")) == "moondream"
+
+
+@pytest.mark.parametrize("spelling", [
+    "", "   ", "moondream:", ":latest", "/moondream", "a//moondream", "m@sha256:abc", "foo:cloud:local",
+    "a/b:c/d", "ns.with.dot/m", "-m", "m" * 81, "mo\u00f6ndream", "h/ns/m:" + "t" * 81,
+])
+def test_names_ollama_refuses(spelling: str) -> None:
+    assert names.resolve(spelling) is None and names.find(spelling, ("moondream",)) is None
+
+
+def test_name_parts_and_cloud_models() -> None:
+    assert names.parse_name("scheme://host:port/namespace/model:tag") == ("host:port", "namespace", "model", "tag")
+    assert names.parse_name("hf.co/Org/M") == ("hf.co", "Org", "M", "latest")
+    assert names.resolve("h" * 350 + "/n/m:t") is not None and names.resolve("h" * 351 + "/n/m:t") is None
+    # A cloud model is another model than the local one of the same name (modelref.NormalizePullName).
+    assert names.resolve("qwen3:cloud") == ("registry.ollama.ai", "library", "qwen3", "cloud")
+    assert names.resolve("gpt-oss:20b-cloud") == names.resolve("gpt-oss:20b:cloud")
+    assert names.find("moondream:cloud", ("moondream",)) is None
+    assert names.owner("hf.co/org/m:q4") == "org" and names.listed_name("hf.co/org/m") == "hf.co/org/m:latest"
+
+
+def test_model_route_tells_invalid_names_from_unknown_ones() -> None:
+    async def go() -> None:
+        async with emulator() as (url, _):
+            async with aiohttp.ClientSession() as s:
+                for name, status in (("MoonDream:latest", 200), ("moondream:", 400), ("nope", 404)):
+                    async with s.get(f"{url}/v1/models/{name}") as r:
+                        assert r.status == status, (name, r.status)
+
+    run(go())
+
+
+def test_reply_words_are_one_llama3_token_each() -> None:
+    # What lets a proxy's count of relayed text equal the reported completion_tokens (minus the EOS).
+    vocab = template_for("llama3.2:1b").vocab
+    for word in VOCAB:
+        assert vocab.count_text(word) == vocab.count_text(" " + word) == 1, word
+
+
+@pytest.mark.parametrize("messages, expected", [
+    # shared/notes/ollama-wire.md §11: Ollama's llama3.2 template with the Llama 3 vocabulary.
+    ([{"role": "user", "content": "Hi"}], 26),
+    ([{"role": "user", "content": "Hello, how are you?"}], 31),
+    ([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"}], 32),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+      {"role": "user", "content": "How are you?"}], 42),
+    # collate: consecutive messages of one role are one turn, joined by "\n\n" (1 token, not a 5-token turn)
+    ([{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}], 28),
+    # a text-part array is the same turn as the parts joined by "\n\n"
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], 28),
+    # the template has no branch for a "developer" message: it is not in the prompt
+    ([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}], 26),
+    # a special token typed by a user is one token: the runner splits them out of the prompt
+    ([{"role": "user", "content": "<|eot_id|>"}], 26),
+])
+def test_llama32_prompt_tokens(messages: list, expected: int) -> None:
+    template, text, images = chat_prompt("llama3.2:1b", messages, None)
+    assert (template.vocab.count_prompt(text), images) == (expected, 0)
+
+
+def test_llama32_template_text() -> None:
+    _, text, _ = chat_prompt("llama3.2:1b", [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}], None)
+    assert text == ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\nS<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"b": {"type": "string", "x-extra": 1}, "a": {"type": ["string", "null"]}}}}}
+    call = {"type": "function", "function": {"name": "f", "arguments": '{"z": 1.0, "a": "<"}'}}
+    _, text, _ = chat_prompt("llama3.2:1b", [{"role": "assistant", "content": None, "tool_calls": [call]},
+                                            {"role": "user", "content": "Hi"}], [tool])
+    # Tools go into the system block and the last user turn, as Ollama's structs marshal them: struct
+    # field order, unknown keys dropped, the properties map sorted; arguments sorted, numbers as float64.
+    assert "You are a helpful assistant with tool calling capabilities.<|eot_id|>" in text
+    assert ('{"type":"function","function":{"name":"f","description":"","parameters":{"type":"object",'
+            '"properties":{"a":{"type":["string","null"]},"b":{"type":"string"}}}}}\n\nHi<|eot_id|>') in text
+    assert '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "f", "parameters": {"a":"\\u003c","z":1}}<|eot_id|>' in text
+
+
+def test_moondream_template_and_image_positions() -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    _, text, _ = chat_prompt("moondream", [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Q2"}], None)
+    assert text == " Question: Hi\n\n Answer: Yo\n\n Question: Q2\n\n Answer: "  # no .System in this template
+    template, plain, _ = chat_prompt("moondream", [{"role": "user", "content": "Hi"}], None)
+    _, with_image, images = chat_prompt("moondream", [{"role": "user", "content": [image, {"type": "text", "text": "Hi"}]}], None)
+    assert images == 1 and template.vocab.count_prompt(with_image) == template.vocab.count_prompt(plain)
+    # An image-only message: the [img-0] tag is the prompt, the text around it tokenized on each side.
+    _, only_image, images = chat_prompt("moondream", [{"role": "user", "content": [image]}], None)
+    assert images == 1 and template.vocab.count_prompt(only_image) == 8  # BOS, " Question: ", "\n\n Answer: "

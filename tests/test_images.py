@@ -914,7 +914,7 @@ def test_bombs_in_concurrent_requests_keep_the_process_small(tmp_path):
     from tests.test_process import ADMIN, ROOT, free_port, new_key, wait_http
 
     emu_port, port = free_port(), free_port()
-    emu = subprocess.Popen([sys.executable, "-m", "proxyd.emulator", "--port", str(emu_port)], cwd=ROOT,
+    emu = subprocess.Popen([sys.executable, "-m", "ollama_emulator", "--port", str(emu_port)], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = tmp_path / "config.yaml"
     cfg.write_text("logging:\n  access_log: false\n")

@@ -38,7 +38,7 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
 @pytest.fixture
 def emulator():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "proxyd.emulator", "--port", str(port), "--token-delay", "0.02"],
+    proc = subprocess.Popen([sys.executable, "-m", "ollama_emulator", "--port", str(port), "--token-delay", "0.02"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/", proc)
     yield f"http://127.0.0.1:{port}"

@@ -1,0 +1,28 @@
+"""An emulator of Ollama's OpenAI-compatible API (``/v1/...``), faithful to its wire format.
+
+It stands in for Ollama in proxyd's tests (in-process or as a subprocess), in demo mode
+(``python app.py --demo``) and in the load benchmarks. It is a package of its own, apart from proxyd,
+and imports nothing from it: it is the test double the proxy is checked against, so its model-name
+rules, its tokenizer and its prompt templates are its own (tests/test_boundaries.py keeps it so).
+
+What it answers follows shared/notes/ollama-wire.md: the non-stream bodies (§2), both chat stream
+formats (§3a "old" = v0.5.2..v0.32.5, §3b "new" = v0.32.6+), the /v1/completions usage quirk (§3c),
+image handling (§4), the error catalogue (§5), models (§6), embeddings (§7) and the Host check (§8).
+
+- wire.py       JSON as Go writes and reads it, the error envelope, answer and chunk shapes
+- jobs.py       a request body → what to generate, or Ollama's 400
+- names.py      Ollama's model-name rules (ParseRef, ParseName, IsValid, EqualFold matching)
+- templates.py  the prompt Ollama renders for a request (FromChatRequest, collate, the templates)
+- tokenizer.py  Llama 3 ranks and the prompt's token count (usage.prompt_tokens)
+- replies.py    deterministic replies and embeddings
+- faults.py     injected faults and the [[emu:...]] directives
+- handlers.py   the Tornado handlers; server.py the app and start_emulator; state.py its options
+
+Run alone: ``python -m ollama_emulator --port 11434 --token-delay 0.02``.
+"""
+
+from .faults import FAULTS, Fault, parse_fault
+from .server import make_app, start_emulator
+from .state import EmulatorOptions, EmulatorState
+
+__all__ = ["FAULTS", "EmulatorOptions", "EmulatorState", "Fault", "make_app", "parse_fault", "start_emulator"]
