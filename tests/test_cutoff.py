@@ -261,7 +261,7 @@ def test_revoking_a_key_ends_a_request_waiting_for_its_answer(make_world):
 
 def test_the_shutdown_deadline_ends_streams_with_an_error_event_and_bills_them(tmp_path):
     emu_port, port = free_port(), free_port()
-    emu = subprocess.Popen([sys.executable, "-m", "proxyd.emulator", "--port", str(emu_port), "--token-delay", "0.02"],
+    emu = subprocess.Popen([sys.executable, "-m", "ollama_emulator", "--port", str(emu_port), "--token-delay", "0.02"],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(f"http://127.0.0.1:{emu_port}/", emu)
