@@ -50,7 +50,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import aiohttp
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
 

@@ -101,7 +101,7 @@ def test_soft_file_limit_is_raised_when_the_hard_limit_allows(tmp_path, emulator
     proc, base = start_limited_proxy(tmp_path, emulator, (1024, 4096))
     try:
         with open(f"/proc/{proc.pid}/limits") as fh:
-            line = next(l for l in fh if l.startswith("Max open files"))
+            line = next(row for row in fh if row.startswith("Max open files"))
         assert line.split()[3:5] == ["4096", "4096"], line
     finally:
         proc.terminate()

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import ADMIN_TOKEN, Harness
+from tests.harness import Harness
 from tests.test_process import ADMIN, free_port, new_key, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,8 +298,8 @@ def test_the_shutdown_deadline_ends_streams_with_an_error_event_and_bills_them(t
         emu.terminate()
         emu.wait(10)
     assert "stopped cleanly; 0 reservations left pending" in out, out
-    [line] = [json.loads(l.split("proxyd.access: ", 1)[1]) for l in out.splitlines()
-              if "proxyd.access: " in l and "chat/completions" in l]
+    [line] = [json.loads(row.split("proxyd.access: ", 1)[1]) for row in out.splitlines()
+              if "proxyd.access: " in row and "chat/completions" in row]
     assert line["status"] == 503 and line["cut_off"] == "shutdown" and "client_gone" not in line, line
     import sqlite3
 
@@ -320,7 +320,7 @@ def test_refusals_carry_the_model_in_the_request_metrics(world):
         client.chat.completions.create(model="llama3.2:1b", messages=MSG)
     metrics = httpx.get(world.url + "/metrics").text
     assert re.search(r'proxyd_requests_total\{model="llama3.2:1b",route="ChatCompletionsHandler",status="429"\} 1\.0',
-                     metrics), [l for l in metrics.splitlines() if "proxyd_requests_total" in l]
+                     metrics), [row for row in metrics.splitlines() if "proxyd_requests_total" in row]
 
 
 # -- item 17: a max_tokens proxyd chose is announced ---------------------------------------------------------
