@@ -82,6 +82,9 @@ class ImageServer:
     port: int
     hits: list[str] = field(default_factory=list)  # paths requested, in order
     headers: list[dict[str, str]] = field(default_factory=list)  # request headers, in order
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # /gate: open once enough requests wait
+    waiting: int = 0  # requests waiting at the gate now
+    most_waiting: int = 0  # the most that waited at once
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -155,11 +158,19 @@ class BigHandler(_Handler):
         self.write(b"\x89" * int(self.get_argument("bytes", "200000")))
 
 
-class SlowHandler(_Handler):
-    """Answers the PNG after ?s=seconds."""
+class GateHandler(_Handler):
+    """Answers the PNG once ?n= requests are waiting for it at the same time (all of them then)."""
 
     async def get(self) -> None:
-        await asyncio.sleep(float(self.get_argument("s", "0.3")))
+        server: ImageServer = self.settings["server"]
+        server.waiting += 1
+        server.most_waiting = max(server.most_waiting, server.waiting)
+        if server.waiting >= int(self.get_argument("n")):
+            server.gate.set()
+        try:
+            await server.gate.wait()
+        finally:
+            server.waiting -= 1
         self.set_header("Content-Type", "image/png")
         self.write(PNG)
 
@@ -226,7 +237,7 @@ async def image_server(ssl_context: ssl.SSLContext | None = None) -> AsyncIterat
             (r"/corrupt", CorruptHandler),
             (r"/stream", StreamHandler),
             (r"/big", BigHandler),
-            (r"/slow", SlowHandler),
+            (r"/gate", GateHandler),
             (r"/hang", HangHandler),
         ],
         server=server,

@@ -101,7 +101,7 @@ def test_soft_file_limit_is_raised_when_the_hard_limit_allows(tmp_path, emulator
     proc, base = start_limited_proxy(tmp_path, emulator, (1024, 4096))
     try:
         with open(f"/proc/{proc.pid}/limits") as fh:
-            line = next(l for l in fh if l.startswith("Max open files"))
+            line = next(row for row in fh if row.startswith("Max open files"))
         assert line.split()[3:5] == ["4096", "4096"], line
     finally:
         proc.terminate()
@@ -211,6 +211,7 @@ def test_accept_failing_for_lack_of_files_backs_off_with_one_log_line(caplog):
     import errno
     import logging
 
+    import tornado.ioloop
     import tornado.web
 
     from proxyd.connections import ProxydHTTPServer
@@ -236,20 +237,40 @@ def test_accept_failing_for_lack_of_files_backs_off_with_one_log_line(caplog):
             self.client.close()
             self.real.close()
 
-    async def run() -> OutOfFiles:
+    async def run() -> tuple[OutOfFiles, list[float], list[int]]:
         sock = OutOfFiles()
-        server = ProxydHTTPServer(tornado.web.Application(), max_connections=10, header_timeout_s=1)
-        server.add_sockets([sock])
-        t0 = time.process_time()
-        await asyncio.sleep(1.5)
-        sock.cpu = time.process_time() - t0
-        server.stop()
-        return sock
+        io_loop = tornado.ioloop.IOLoop.current()
+        pauses: list[float] = []  # the back-off delays asked for, in order
+        resumes: list = []  # what each pause would run when it ends
+        call_later = io_loop.call_later
+
+        def pause(delay: float, callback, *args):  # recorded; the test ends each pause itself
+            pauses.append(delay)
+            handle = call_later(3600, callback, *args)  # a real handle, for stop() to remove
+            resumes.append((handle, callback, args))
+            return handle
+
+        io_loop.call_later = pause
+        tries_per_pause = []
+        try:
+            server = ProxydHTTPServer(tornado.web.Application(), max_connections=10, header_timeout_s=1)
+            server.add_sockets([sock])
+            for _ in range(7):
+                for _turn in range(20):  # loop turns while paused: an acceptor that spins tries again here
+                    await asyncio.sleep(0)
+                tries_per_pause.append(sock.calls)
+                handle, callback, args = resumes[-1]
+                io_loop.remove_timeout(handle)
+                callback(*args)  # the pause is over
+            server.stop()
+        finally:
+            del io_loop.call_later
+        return sock, pauses, tries_per_pause
 
     with caplog.at_level(logging.WARNING):
-        sock = asyncio.run(run())
+        sock, pauses, tries = asyncio.run(run())
     lines = [r for r in caplog.records if "cannot accept client connections" in r.getMessage()]
-    # Back-off 0.05, 0.1, 0.2, 0.4, 0.8 s: about 5 tries in 1.5 s, not one per loop turn.
-    assert 3 <= sock.calls <= 8, sock.calls
+    # Back-off 0.05, 0.1, 0.2, 0.4, 0.8, then 1 s; one try per pause, not one per loop turn.
+    assert pauses[:7] == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]), pauses
+    assert tries == [1, 2, 3, 4, 5, 6, 7], tries
     assert len(lines) == 1 and lines[0].exc_info is None and "Too many open files" in lines[0].getMessage()
-    assert sock.cpu < 0.3

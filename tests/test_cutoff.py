@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import ADMIN_TOKEN, Harness
+from tests.harness import Harness
 from tests.test_process import ADMIN, free_port, new_key, wait_http
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,14 +30,13 @@ MSG = [{"role": "user", "content": "Hi"}]
 LONG = [{"role": "user", "content": "[[emu:reply_tokens=400]] a long story"}]
 
 
-def wait_until(predicate, timeout: float) -> float:
-    """Polls ``predicate`` until true; returns the seconds it took (raises if it never was)."""
+def wait_until(predicate, timeout: float) -> None:
+    """Polls ``predicate`` until true (raises if it is not within ``timeout`` seconds)."""
     started = time.monotonic()
     while not predicate():
         if time.monotonic() - started > timeout:
             raise AssertionError(f"not within {timeout}s")
         time.sleep(0.01)
-    return time.monotonic() - started
 
 
 # -- item 3: a client that stops reading -------------------------------------------------------------
@@ -59,19 +58,21 @@ def open_stream_and_stop_reading(port: int, key: str, content: str) -> tuple[soc
     return s, head
 
 
-def test_a_client_that_stops_reading_frees_the_upstream_and_is_billed_for_what_was_relayed(make_world):
+def test_a_client_that_stops_reading_frees_the_upstream_and_is_billed_for_what_was_relayed(make_world, caplog):
     stall = 0.5
     world = make_world(config={"server.write_stall_timeout_s": stall})
     key = world.new_user("alice")
+    caplog.set_level("INFO")
     # 100,000 tokens sent as fast as the loop goes: far more than every socket buffer on the way holds.
     s, head = open_stream_and_stop_reading(world.port, key, "[[emu:reply_tokens=100000]] go")
     try:
         assert head.startswith(b"HTTP/1.1 200"), head
         # Backpressure first fills the buffers (client, proxyd, aiohttp, the emulator's socket); then
         # proxyd's flush stalls, and stall seconds later the upstream request must be gone.
-        took = wait_until(lambda: world.emu.active_streams == 0 and world.ctx.meter.limiter.pending == 0, 15)
+        wait_until(lambda: world.emu.active_streams == 0 and world.ctx.meter.limiter.pending == 0, 15)
         assert world.emu.cancelled_streams == 1 and world.emu.completed == 0  # Ollama was told to stop
-        assert took < stall + 5, took
+        # ... by the stall timeout, not by anything else that could end a stream
+        assert any(f"the client took nothing for {stall:g}s; request ended" in r.getMessage() for r in caplog.records)
         world.settle_all()
         [(status, http, prompt, estimate, completion, source)] = world.rows(
             "SELECT status, http_status, prompt_tokens, reserved_prompt, completion_tokens, usage_source FROM requests")
@@ -243,8 +244,8 @@ def test_revoking_a_key_ends_a_request_waiting_for_its_answer(make_world):
 
     t = threading.Thread(target=call)
     t.start()
-    wait_until(lambda: world.ctx.meter.limiter.pending == 1, 5)
-    time.sleep(0.2)
+    # Reserved, forwarded, and Ollama is generating: the request waits for its answer.
+    wait_until(lambda: any(r["path"] == "/v1/chat/completions" for r in world.emu.requests), 5)
     cut = time.monotonic()
     assert world.admin("DELETE", f"/admin/keys/{key_id}").status_code == 204
     t.join(5)
@@ -297,8 +298,8 @@ def test_the_shutdown_deadline_ends_streams_with_an_error_event_and_bills_them(t
         emu.terminate()
         emu.wait(10)
     assert "stopped cleanly; 0 reservations left pending" in out, out
-    [line] = [json.loads(l.split("proxyd.access: ", 1)[1]) for l in out.splitlines()
-              if "proxyd.access: " in l and "chat/completions" in l]
+    [line] = [json.loads(row.split("proxyd.access: ", 1)[1]) for row in out.splitlines()
+              if "proxyd.access: " in row and "chat/completions" in row]
     assert line["status"] == 503 and line["cut_off"] == "shutdown" and "client_gone" not in line, line
     import sqlite3
 
@@ -319,7 +320,7 @@ def test_refusals_carry_the_model_in_the_request_metrics(world):
         client.chat.completions.create(model="llama3.2:1b", messages=MSG)
     metrics = httpx.get(world.url + "/metrics").text
     assert re.search(r'proxyd_requests_total\{model="llama3.2:1b",route="ChatCompletionsHandler",status="429"\} 1\.0',
-                     metrics), [l for l in metrics.splitlines() if "proxyd_requests_total" in l]
+                     metrics), [row for row in metrics.splitlines() if "proxyd_requests_total" in row]
 
 
 # -- item 17: a max_tokens proxyd chose is announced ---------------------------------------------------------

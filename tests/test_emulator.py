@@ -1,4 +1,5 @@
-"""The Ollama emulator speaks Ollama's /v1 wire format (shared/notes/ollama-wire.md).
+"""The Ollama emulator speaks Ollama's /v1 wire format, as Ollama's own code writes it (ollama/ollama's
+openai/openai.go and middleware/openai.go, read at v0.33.0-rc2, commit fb30760).
 
 Every test starts its own emulator on a free port in-process and talks real HTTP to it: raw
 aiohttp where the exact bytes matter, the ``openai`` SDK where a real client's view matters.

@@ -1,6 +1,7 @@
 """Estimate, reserve, settle; the ledger; limits and refusals; usage, limits and invoice APIs (issue #3)."""
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -24,18 +25,30 @@ def test_llama32_prompt_vectors(messages, expected):
     assert asyncio.run(tc.chat_prompt("llama3.2:1b", messages)) == expected
 
 
-def test_large_prompt_counts_off_the_loop():
+def test_large_prompt_counts_off_the_loop(monkeypatch):
     tc = TokenCounter(LLAMA, {})
     text = "word " * 100_000
+    encoding = tc.for_model("llama3.2:1b").encoding
+    encode = encoding.encode_ordinary
+    ticked = threading.Event()
+
+    def encode_once_the_loop_ticked(s):
+        # Encodes only after the event loop has turned over meanwhile: run on the loop itself, this
+        # would wait for turns that cannot come.
+        assert ticked.wait(10), "the event loop did not run while the prompt was encoded"
+        return encode(s)
+
+    monkeypatch.setattr(encoding, "encode_ordinary", encode_once_the_loop_ticked)
 
     async def run():
         ticks = 0
 
         async def ticker():
             nonlocal ticks
-            while True:
+            while ticks <= 3:
                 ticks += 1
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0)
+            ticked.set()
 
         t = asyncio.create_task(ticker())
         n = await tc.chat_prompt("llama3.2:1b", [{"role": "user", "content": text}])
@@ -224,10 +237,9 @@ def test_client_gone_before_the_first_byte_cancels_upstream(make_world, stream):
     """A client that gives up before Ollama's first byte (an SDK timeout: a non-stream answer's headers
     come only after the whole generation) must stop Ollama there, not let it generate on for nobody.
     Nothing was delivered and whether Ollama got to the prompt is unknown: voided. Without the cancel,
-    Ollama generates the full 3 s and the row's latency shows it."""
+    Ollama generates the full 3 s: its answer completes."""
     world = make_world(emulator={"token_delay_s": 0.05, "first_byte_delay_s": 2.0 if stream else 0.0})
     key = world.new_user("alice")
-    started = time.time()
     with pytest.raises(openai.APITimeoutError):
         world.client(key, timeout=0.5).chat.completions.create(
             model="llama3.2:1b", stream=stream, messages=[{"role": "user", "content": "[[emu:reply_tokens=60]] go"}])
@@ -236,11 +248,10 @@ def test_client_gone_before_the_first_byte_cancels_upstream(make_world, stream):
     while time.time() < deadline and not (state.cancelled_answers or state.cancelled_streams):
         time.sleep(0.02)
     assert (state.cancelled_streams, state.cancelled_answers) == ((1, 0) if stream else (0, 1))
-    assert time.time() - started < 1.5, "Ollama was stopped only when it had finished"
+    assert state.completed == 0, "Ollama was stopped only when it had finished"
     world.settle_all()
-    [(status, http, prompt, latency)] = world.rows("SELECT status, http_status, prompt_tokens, latency_ms FROM requests")
+    [(status, http, prompt)] = world.rows("SELECT status, http_status, prompt_tokens FROM requests")
     assert (status, http, prompt) == ("voided", 499, None)
-    assert latency < 1500, latency
 
 
 def test_nothing_reserved_after_mixed_faults(make_world):
@@ -640,9 +651,13 @@ def test_long_request_has_a_pending_row_until_it_ends(make_world):
     stream = world.client(key).chat.completions.create(
         model="llama3.2:1b", messages=[{"role": "user", "content": "[[emu:reply_tokens=12]] go"}], stream=True)
     next(iter(stream))
-    import time as _t
-    _t.sleep(0.3)
-    assert world.rows("SELECT status FROM requests") == [("pending",)]
+    # The row is written once the request has run pending_row_after_s, while the stream goes on
+    # (12 tokens 50 ms apart): wait for it to appear rather than for a fixed time.
+    rows, deadline = [], time.time() + 5
+    while not rows and time.time() < deadline:
+        time.sleep(0.01)
+        rows = world.rows("SELECT status FROM requests")
+    assert rows == [("pending",)]
     for _ in stream:
         pass
     world.settle_all()
