@@ -5,9 +5,10 @@ It stands in for Ollama in proxyd's tests (in-process or as a subprocess), in de
 and imports nothing from it: it is the test double the proxy is checked against, so its model-name
 rules, its tokenizer and its prompt templates are its own (tests/test_boundaries.py keeps it so).
 
-What it answers follows shared/notes/ollama-wire.md: the non-stream bodies (§2), both chat stream
-formats (§3a "old" = v0.5.2..v0.32.5, §3b "new" = v0.32.6+), the /v1/completions usage quirk (§3c),
-image handling (§4), the error catalogue (§5), models (§6), embeddings (§7) and the Host check (§8).
+What it answers follows Ollama's own source (ollama/ollama at fb30760, v0.33.0-rc2: openai/openai.go,
+middleware/openai.go, server/routes.go): the non-stream bodies, both chat stream formats ("old" =
+v0.5.2..v0.32.5, "new" = v0.32.6+), the /v1/completions usage quirk, image handling, the error
+catalogue, models, embeddings and the Host check.
 
 - wire.py       JSON as Go writes and reads it, the error envelope, answer and chunk shapes
 - jobs.py       a request body → what to generate, or Ollama's 400

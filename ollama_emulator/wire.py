@@ -1,6 +1,5 @@
 """Ollama's OpenAI-compatible wire format: its JSON, its decoder's errors, its error envelope and the
-shapes of its answers (shared/notes/ollama-wire.md §2-§7; openai/openai.go and middleware/openai.go
-at ollama/ollama fb30760).
+shapes of its answers (openai/openai.go and middleware/openai.go at ollama/ollama fb30760).
 
 No Tornado here: values in, bytes or values out.
 """

@@ -16,12 +16,12 @@ from typing import Any, Callable
 import tornado.web
 
 from .accounts import Accounts
+from .backends import Router
+from .backends.ollama import OllamaBackend
 from .config import Config, ConfigError
 from .errors import InvalidRequest
 from .handlers import admin, openai, usage
 from .handlers.base import BaseHandler, NotFoundHandler
-from .backends import Router
-from .backends.ollama import OllamaBackend
 from .limits import Limiter, MemoryAdmission
 from .limitspec import parse_limits
 from .meter import Meter

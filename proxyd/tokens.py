@@ -54,8 +54,8 @@ def llama3_encoding() -> tiktoken.Encoding:
 ENCODINGS = {"llama3": llama3_encoding}
 
 # What a tool-capable template adds when a request has tools, besides each tool's JSON: Ollama's llama3.2
-# template puts this instruction into the system block and the last user message (shared/notes/
-# ollama-wire.md §11: "Tools change the template"; the wording is the library template's, not measured).
+# template puts this instruction into the system block and the last user message (the library's
+# llama3.2 template at ollama/ollama fb30760, v0.33.0-rc2; the wording is the template's, not measured).
 TOOLS_PREAMBLE = (
     "Environment: ipython\n\nWhen you receive a tool call response, use the output to format an answer to the "
     "orginal user question.\n\nYou are a helpful assistant with tool calling capabilities.\n\n"
@@ -69,7 +69,7 @@ TOOLS_PREAMBLE = (
 class TemplateShape:
     """How a model's chat template adds tokens around the message texts.
 
-    llama3 (Ollama's llama3.2 template, measured in shared/notes/ollama-wire.md §11): 25 tokens for a
+    llama3 (Ollama's llama3.2 template at ollama/ollama fb30760, measured with its vocabulary): 25 tokens for a
     single user message (BOS, a system block with the knowledge-date line, headers, eot, the
     generation header), +5 per further user/assistant message; system text only adds its own tokens.
     moondream: no system slot (system messages are dropped), ~7 tokens per question turn + BOS.

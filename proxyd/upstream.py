@@ -25,7 +25,6 @@ import aiohttp
 from . import jsonio
 from .errors import UpstreamTimeout, UpstreamUnavailable
 
-
 # Addresses inside a message that Ollama passes on: its runner errors name the runner's own URL
 # ('Post "http://127.0.0.1:39123/completion": EOF'), a front proxy may name its backends. Only on the
 # error path, so the cost of a regex does not matter.

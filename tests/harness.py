@@ -17,8 +17,8 @@ from openai import AsyncOpenAI, OpenAI
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from proxyd.config import load_config
 from ollama_emulator import start_emulator
+from proxyd.config import load_config
 from proxyd.server import build_context, make_app
 
 ADMIN_TOKEN = "test-admin-token"

@@ -643,7 +643,7 @@ def test_reply_words_are_one_llama3_token_each() -> None:
 
 
 @pytest.mark.parametrize("messages, expected", [
-    # shared/notes/ollama-wire.md §11: Ollama's llama3.2 template with the Llama 3 vocabulary.
+    # Ollama's llama3.2 template (ollama/ollama fb30760) with the Llama 3 vocabulary.
     ([{"role": "user", "content": "Hi"}], 26),
     ([{"role": "user", "content": "Hello, how are you?"}], 31),
     ([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"}], 32),

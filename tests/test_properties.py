@@ -29,8 +29,8 @@ from proxyd.config import load_config
 from proxyd.errors import InvalidRequest, QuotaExceeded, RateLimited
 from proxyd.images import _image_parts
 from proxyd.limits import LIMIT_FIELDS, MAX_COUNT, MAX_USD, NANO, Limiter, _cost, parse_limits, to_api
-from proxyd.storage import from_iso_ms, iso_ms
 from proxyd.sse import DONE, SSEParser, event
+from proxyd.storage import from_iso_ms, iso_ms
 from proxyd.tokens import TokenCounter
 
 

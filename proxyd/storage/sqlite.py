@@ -16,8 +16,21 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from . import (REQUEST_COLUMNS, InvoiceLine, KeyRow, PeriodUsage, RecentRequest, RequestRow, StorageError, Sums,
-               UserRecord, UsageRow, from_iso_ms, iso_ms, iso_s)
+from . import (
+    REQUEST_COLUMNS,
+    InvoiceLine,
+    KeyRow,
+    PeriodUsage,
+    RecentRequest,
+    RequestRow,
+    StorageError,
+    Sums,
+    UsageRow,
+    UserRecord,
+    from_iso_ms,
+    iso_ms,
+    iso_s,
+)
 from .sqlite_writer import Additive, Store, Upsert, _connect
 
 log = logging.getLogger("proxyd.meter")  # failed ledger writes have always been logged under the meter's name
