@@ -309,12 +309,12 @@ class _CheckingResolver(AbstractResolver):
 
     def __init__(self, policy: ImagePolicy, resolver: Resolver) -> None:
         self._policy = policy
-        self._resolver = resolver
+        self.resolver = resolver
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        addresses = await resolve_checked(host, port, self._policy, self._resolver)
+        addresses = await resolve_checked(host, port, self._policy, self.resolver)
         return [
             {
                 "hostname": host,  # TLS SNI and certificate checks stay on the original name
@@ -417,7 +417,7 @@ def probe_image(data: bytes, policy: ImagePolicy, what: str = "the image") -> Pr
 
 def _decode_bytes(fmt: str, mode: str, decoded: tuple[int, int], max_dimension: int) -> int:
     """Upper estimate of normalize_image's peak memory: the decoded frame, plus, when downscaling, two
-    4-byte copies of one strip and the box-reduced image (see _shrink), or else a full-size RGB(A)
+    4-byte copies of one strip and the box-reduced image (see shrink), or else a full-size RGB(A)
     copy; plus a fixed overhead."""
     pixels = decoded[0] * decoded[1]
     frame = pixels * FORMAT_BYTES_PER_PIXEL.get(fmt, FRAME_BYTES_PER_PIXEL.get(mode, 4))
@@ -441,7 +441,7 @@ _ORIENTATION = {
 }
 
 
-def _shrink(img: Image.Image, max_dimension: int, alpha: bool) -> Image.Image:
+def shrink(img: Image.Image, max_dimension: int, alpha: bool) -> Image.Image:
     """Downscale to fit max_dimension (aspect kept), in RGB or RGBA, holding beside the decoded image
     only one strip and the box-reduced image (a quarter of it or less, once it is 4x the target).
 
@@ -475,7 +475,7 @@ def normalize_image(data: bytes, policy: ImagePolicy, what: str = "the image") -
 
     Returns ``(mime, new_bytes)``; ``new_bytes`` is None when the original bytes can go unchanged.
     Raises :class:`_Bad` naming ``what`` when the bytes are not a usable image. Its peak memory, which
-    :func:`probe_image` estimates, is the decoded frame plus what :func:`_shrink` holds.
+    :func:`probe_image` estimates, is the decoded frame plus what :func:`shrink` holds.
     """
     with _open(data, what) as probe:
         try:
@@ -501,7 +501,7 @@ def normalize_image(data: bytes, policy: ImagePolicy, what: str = "the image") -
             turn = _ORIENTATION.get(img.getexif().get(0x0112))
             alpha = _has_alpha(img)
             if downscale:
-                out = _shrink(img, policy.max_dimension, alpha)
+                out = shrink(img, policy.max_dimension, alpha)
             else:
                 out = img.convert("RGBA" if alpha else "RGB")
             img.close()  # the full-size frame is no longer needed: free it before encoding
@@ -538,7 +538,7 @@ class _Part:
     url: str
 
 
-def _image_parts(messages: Any) -> list[_Part]:
+def image_parts(messages: Any) -> list[_Part]:
     parts: list[_Part] = []
     if not isinstance(messages, list):
         return parts
@@ -626,7 +626,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-_malloc_trim = _find_malloc_trim()
+malloc_trim = _find_malloc_trim()
 
 
 def _decode_and_trim(data: bytes, policy: ImagePolicy, what: str) -> tuple[str, bytes | None]:
@@ -639,8 +639,8 @@ def _decode_and_trim(data: bytes, policy: ImagePolicy, what: str) -> tuple[str, 
     try:
         return normalize_image(data, policy, what)
     finally:
-        if _malloc_trim is not None:
-            _malloc_trim(0)
+        if malloc_trim is not None:
+            malloc_trim(0)
 
 
 class ImageInliner:
@@ -657,10 +657,10 @@ class ImageInliner:
         """``resolver`` defaults to the system's getaddrinfo; ``ssl_context`` to the system trust store
         with hostname checks (pass one to trust a private CA, as the tests do)."""
         self.policy = policy
-        self._resolver = resolver or system_resolve
+        self.resolver = resolver or system_resolve
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._session: aiohttp.ClientSession | None = None
-        self._budget = DecodeBudget(policy.decode_memory_bytes)
+        self.decode_budget = DecodeBudget(policy.decode_memory_bytes)
         # Large decodes get threads of their own, so they never queue DNS lookups or token counting
         # behind them on the loop's default executor.
         self._decoder = concurrent.futures.ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="proxyd-decode")
@@ -673,7 +673,7 @@ class ImageInliner:
 
         Nothing is changed unless every image succeeds.
         """
-        parts = _image_parts(messages)
+        parts = image_parts(messages)
         if not parts:
             return 0
         if len(parts) > self.policy.max_images:
@@ -753,15 +753,15 @@ class ImageInliner:
         """normalize_image under the decode budget: on the loop for small images, else in a thread."""
         probe, policy = image.probe, self.policy
         cost = probe.decode_bytes
-        if cost > self._budget.capacity:
+        if cost > self.decode_budget.capacity:
             width, height = probe.size
             raise _Bad(
                 f"{image.what} ({width}x{height} {probe.format}) would take about {cost >> 20} MiB to decode, "
-                f"more than the {self._budget.capacity >> 20} MiB allowed"
+                f"more than the {self.decode_budget.capacity >> 20} MiB allowed"
             )
         try:
             async with asyncio.timeout(policy.decode_wait_s):
-                await self._budget.acquire(cost)
+                await self.decode_budget.acquire(cost)
         except TimeoutError:
             raise ServiceUnavailable(
                 "proxyd is busy decoding other images; retry shortly", headers={"Retry-After": "1"}
@@ -770,7 +770,7 @@ class ImageInliner:
             try:
                 return normalize_image(image.data, policy, image.what)
             finally:
-                self._budget.release(cost)
+                self.decode_budget.release(cost)
         loop = asyncio.get_running_loop()
         decode = loop.run_in_executor(self._decoder, _decode_and_trim, image.data, policy, image.what)
         # The room is given back when the thread ends, not when this request stops waiting for it
@@ -781,7 +781,7 @@ class ImageInliner:
     def _decoded(self, done: asyncio.Future, cost: int) -> None:
         if not done.cancelled():
             done.exception()  # retrieved, so a cancelled request's failure is not logged as unhandled
-        self._budget.release(cost)
+        self.decode_budget.release(cost)
 
     def _too_large_message(self) -> str:
         return f"the image is larger than {self.policy.max_bytes} bytes"
@@ -822,7 +822,7 @@ class ImageInliner:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                resolver=_CheckingResolver(self.policy, self._resolver),
+                resolver=_CheckingResolver(self.policy, self.resolver),
                 use_dns_cache=False,  # every request goes through the check
                 ssl=self._ssl,  # certificates verified against the URL's hostname, not the IP
             )

@@ -41,7 +41,6 @@ from .limitspec import (  # noqa: F401
 from .periods import DAY_END, DAY_KEY, MONTH_END, MONTH_KEY, calendar_of, day_key, month_key, period_end  # noqa: F401
 from .pricing import NANO, cost_nusd, usd_str  # noqa: F401
 
-_cost = cost_nusd  # the name tests and tools know
 REQUESTS, TOKENS, COST = Metric.REQUESTS, Metric.TOKENS, Metric.COST
 MINUTE, CONCURRENT, DAY, MONTH = Window.MINUTE, Window.CONCURRENT, Window.DAY, Window.MONTH
 

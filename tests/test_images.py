@@ -771,7 +771,7 @@ def test_concurrent_requests_decode_within_the_process_budget(monkeypatch):
         try:
             requests = [image_message(url) for _ in range(8)]
             assert await asyncio.gather(*(inliner.inline(m) for m in requests)) == [1] * 8
-            assert inliner._budget.in_use == 0
+            assert inliner.decode_budget.in_use == 0
             return requests
         finally:
             await inliner.close()
@@ -788,11 +788,11 @@ def test_waiting_too_long_for_decode_room_is_a_retryable_503():
     async def go():
         inliner = ImageInliner(ImagePolicy(decode_wait_s=0.2))
         try:
-            await inliner._budget.acquire(inliner._budget.capacity)  # someone else's huge decode
+            await inliner.decode_budget.acquire(inliner.decode_budget.capacity)  # someone else's huge decode
             messages = image_message(data_url(make_image("PNG", (2000, 1000))))
             with pytest.raises(ServiceUnavailable) as info:
                 await inliner.inline(messages)
-            inliner._budget.release(inliner._budget.capacity)
+            inliner.decode_budget.release(inliner.decode_budget.capacity)
             assert await inliner.inline(messages) == 1
             return info.value
         finally:
@@ -821,13 +821,13 @@ def test_a_cancelled_request_keeps_its_room_until_its_decode_ends(monkeypatch):
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            held = inliner._budget.in_use  # the thread still decodes, so its memory is still in use
+            held = inliner.decode_budget.in_use  # the thread still decodes, so its memory is still in use
             finish.set()
             for _ in range(200):
-                if inliner._budget.in_use == 0:
+                if inliner.decode_budget.in_use == 0:
                     break
                 await asyncio.sleep(0.01)
-            return held, inliner._budget.in_use
+            return held, inliner.decode_budget.in_use
         finally:
             finish.set()
             await inliner.close()
@@ -878,7 +878,7 @@ def test_shrinking_in_strips_matches_pillows_thumbnail():
     for mode, size in (("RGB", (3000, 1700)), ("RGBA", (2500, 2500)), ("P", (2100, 900))):
         src = Image.open(io.BytesIO(make_image("PNG", size, mode="RGBA" if mode == "RGBA" else "RGB")))
         src = src.convert(mode)
-        mine = images._shrink(src, 1024, alpha=mode == "RGBA")
+        mine = images.shrink(src, 1024, alpha=mode == "RGBA")
         ref = src.convert("RGBA" if mode == "RGBA" else "RGB")
         ref.thumbnail((1024, 1024), Image.Resampling.LANCZOS)
         assert mine.size == ref.size and mine.mode == ref.mode
@@ -902,7 +902,7 @@ def test_memory_is_handed_back_on_glibc():
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
-    assert images._malloc_trim is not None and images._malloc_trim(0) in (0, 1)
+    assert images.malloc_trim is not None and images.malloc_trim(0) in (0, 1)
 
 
 def _memory_mb(pid: int) -> dict[str, float]:

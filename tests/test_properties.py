@@ -27,8 +27,9 @@ from hypothesis.stateful import (
 from proxyd import validate
 from proxyd.config import load_config
 from proxyd.errors import InvalidRequest, QuotaExceeded, RateLimited
-from proxyd.images import _image_parts
-from proxyd.limits import LIMIT_FIELDS, MAX_COUNT, MAX_USD, NANO, Limiter, _cost, parse_limits, to_api
+from proxyd.images import image_parts
+from proxyd.limits import LIMIT_FIELDS, MAX_COUNT, MAX_USD, NANO, Limiter, parse_limits, to_api
+from proxyd.pricing import cost_nusd
 from proxyd.sse import DONE, SSEParser, event
 from proxyd.storage import from_iso_ms, iso_ms
 from proxyd.tokens import TokenCounter
@@ -286,7 +287,7 @@ def test_chat_validator_and_what_relies_on_it(body):
     assert stream or not include_usage
     cap = validate.max_tokens(body)
     assert cap is None or (isinstance(cap, int) and cap >= 1)
-    returns_or_refuses(_image_parts, body["messages"])
+    returns_or_refuses(image_parts, body["messages"])
     prompt = asyncio.run(token_counter().chat_prompt(model, body["messages"]))
     assert isinstance(prompt, int) and prompt >= 0
 
@@ -479,7 +480,7 @@ class LimiterMachine(RuleBasedStateMachine):
             assert hold.completion_tokens == completion or self.min_completion <= hold.completion_tokens < completion
         else:
             assert hold.completion_tokens == completion
-        assert hold.cost_nusd == _cost(prompt, hold.completion_tokens, self.price)
+        assert hold.cost_nusd == cost_nusd(prompt, hold.completion_tokens, self.price)
         self.open[id(hold)] = hold
         return hold
 
@@ -491,7 +492,7 @@ class LimiterMachine(RuleBasedStateMachine):
             return
         prompt = int(hold.prompt_tokens * prompt_share)
         completion = int(hold.completion_tokens * completion_share)
-        cost = _cost(prompt, completion, self.price)
+        cost = cost_nusd(prompt, completion, self.price)
         self.limiter.settle(hold, prompt, completion, cost)
         del self.open[id(hold)]
         self.seen_buckets.extend(hold.buckets)

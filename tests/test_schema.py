@@ -176,7 +176,7 @@ def live(tmp_path_factory):
         # The image fetcher may not resolve or connect anywhere (every address is denied).
         images = h.ctx.images
         images.policy = dataclasses.replace(images.policy, deny_networks=("0.0.0.0/0", "::/0"))
-        images._resolver = _refuse_every_name
+        images.resolver = _refuse_every_name
         # "alice" is the document's example user (admin operations act on her, PATCH may disable her);
         # the fuzzed user API runs as "fuzzer", whom no example names.
         h.new_user("alice", {"tokens_per_day": 1_000_000, "models": {"llama3.2:1b": {"cost_per_day_usd": "5"}}})

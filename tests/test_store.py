@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from proxyd.storage.sqlite_writer import Additive, Upsert, _run_groups
+from proxyd.storage.sqlite_writer import Additive, Upsert, run_groups
 
 
 def _db() -> sqlite3.Connection:
@@ -23,7 +23,7 @@ C = Additive("INSERT INTO c (k1, k2, hits, total)", "(?, ?, ?, ?)",
 def test_a_later_row_of_the_same_key_wins_within_one_statement():
     conn = _db()
     # a request's pending row and its final row can land in the same commit: the final one must stand
-    _run_groups(conn, {T: [("a", "pending", 0), ("b", "pending", 0), ("a", "settled", 7)]})
+    run_groups(conn, {T: [("a", "pending", 0), ("b", "pending", 0), ("a", "settled", 7)]})
     assert conn.execute("SELECT id, status, n FROM t ORDER BY id").fetchall() == [("a", "settled", 7), ("b", "pending", 0)]
 
 
@@ -31,22 +31,22 @@ def test_batches_are_split_by_the_parameter_limit_into_few_statement_shapes():
     conn = _db()
     conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 21)  # as if SQLite took only 7 rows of 3 per statement
     for size in range(1, 60):
-        _run_groups(conn, {T: [(f"r{size}-{i}", "settled", i) for i in range(size)]})
+        run_groups(conn, {T: [(f"r{size}-{i}", "settled", i) for i in range(size)]})
     assert conn.execute("SELECT COUNT(*), SUM(n) FROM t").fetchone() == (
         sum(range(1, 60)), sum(sum(range(size)) for size in range(1, 60)))
     # chunks of 4, 2 and 1 rows only: a bounded number of prepared statements whatever the batch sizes
-    assert set(T._multi) <= {1, 2, 4}
+    assert set(T.multi_sql) <= {1, 2, 4}
     conn2 = _db()
     for size in range(1, 300, 7):
-        _run_groups(conn2, {T: [(f"s{size}-{i}", "settled", 1) for i in range(size)]})
-    assert set(T._multi) <= {1, 2, 4, 8, 16, 32, 64}
+        run_groups(conn2, {T: [(f"s{size}-{i}", "settled", 1) for i in range(size)]})
+    assert set(T.multi_sql) <= {1, 2, 4, 8, 16, 32, 64}
     assert conn2.execute("SELECT COUNT(*) FROM t").fetchone() == (sum(range(1, 300, 7)),)
 
 
 def test_summed_counters_equal_one_statement_per_row():
     rows = [("u1", "m", 1, 10), ("u2", "m", 1, 5), ("u1", "m", 1, 3), ("u1", "x", 1, 1), ("u1", "m", 1, 2)]
     batched, one_by_one = _db(), _db()
-    _run_groups(batched, {C: rows})
+    run_groups(batched, {C: rows})
     for row in rows:
         one_by_one.execute(C, row)  # the plain single-row form of the same statement
     query = "SELECT k1, k2, hits, total FROM c ORDER BY 1, 2"

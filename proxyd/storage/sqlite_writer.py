@@ -57,14 +57,14 @@ class Upsert(str):
         self = super().__new__(cls, f"{head} VALUES {values}{tail}")
         self.head, self.values, self.tail = head, values, tail
         self.params = values.count("?")
-        self._multi: dict[int, str] = {}
+        self.multi_sql: dict[int, str] = {}
         return self
 
     def multi(self, n: int) -> str:
         """The statement for n rows (later rows of the same key win, as with n single statements)."""
-        sql = self._multi.get(n)
+        sql = self.multi_sql.get(n)
         if sql is None:
-            sql = self._multi[n] = f"{self.head} VALUES {','.join([self.values] * n)}{self.tail}"
+            sql = self.multi_sql[n] = f"{self.head} VALUES {','.join([self.values] * n)}{self.tail}"
         return sql
 
     def statements(self, rows: list, max_params: int) -> Iterator[tuple[str, list]]:
@@ -306,14 +306,14 @@ def _run_grouped(conn: sqlite3.Connection, batch: list) -> list:
                 groups.setdefault(sql, []).append(params)
             results.append((True, None))
         else:
-            _run_groups(conn, groups)
+            run_groups(conn, groups)
             groups.clear()
             results.append((True, op(conn)))
-    _run_groups(conn, groups)
+    run_groups(conn, groups)
     return results
 
 
-def _run_groups(conn: sqlite3.Connection, groups: dict[str, list]) -> None:
+def run_groups(conn: sqlite3.Connection, groups: dict[str, list]) -> None:
     for sql, rows in groups.items():
         if isinstance(sql, Additive) and len(rows) > 1:
             rows = _summed(rows, sql.key_len)
