@@ -219,9 +219,10 @@ class HealthHandler(BaseHandler):
 
 
 class OpenAPIHandler(BaseHandler):
-    """The OpenAPI document of every endpoint (docs/openapi.yaml), for clients and fuzzers."""
+    """The OpenAPI document of every endpoint, for clients and fuzzers. It lives in the package
+    (proxyd/openapi.yaml; docs/openapi.yaml is a link to it) so that an installed proxyd serves it too."""
 
-    PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "openapi.yaml")
+    PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.yaml")
 
     async def get(self) -> None:
         with open(self.PATH, "rb") as fh:
