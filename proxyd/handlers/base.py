@@ -91,7 +91,8 @@ class BaseHandler(tornado.web.RequestHandler):
         if not hasattr(self, "request_id"):
             self.request_id = new_request_id()
         self.set_header("Content-Type", "application/json")
-        self.set_header("x-request-id", self.request_id)
+        # proxyd's own id (ASCII, no CR/LF): assigned directly, set_header would only validate it (5 calls -> 1).
+        self._headers["x-request-id"] = self.request_id
         self.clear_header("Server")
         if getattr(self, "_cors_origin", None):  # unset in the first call, from __init__
             self._set_cors_headers()
