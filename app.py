@@ -127,7 +127,7 @@ async def serve(config, *, demo: bool = False) -> int:
         except OSError as exc:
             for s in servers:
                 s.stop()
-            await _close_after_failed_start(ctx, emulator_server)
+            await _close(ctx, emulator_server)
             raise StartupError(f"cannot listen on {address}:{port}: {exc.strerror or exc} "
                                f"(another process there? set {key})") from None
         servers.append(server)
@@ -184,17 +184,13 @@ async def serve(config, *, demo: bool = False) -> int:
     for s in servers:
         await s.close_all_connections()
     await asyncio.sleep(0)  # let aborted handlers reach their settle/void
-    await ctx.upstream.close()
-    await ctx.images.close()
-    await ctx.ledger.close()
-    ctx.tokens.close()
-    if emulator_server is not None:
-        emulator_server.stop()
+    await _close(ctx, emulator_server)
     log.info("stopped cleanly; %d reservations left pending", ctx.meter.limiter.pending)
     return 0
 
 
-async def _close_after_failed_start(ctx, emulator_server) -> None:
+async def _close(ctx, emulator_server) -> None:
+    """Closes what serve() opened: at the end, and after a start that failed to bind its port."""
     await ctx.upstream.close()
     await ctx.images.close()
     await ctx.ledger.close()
