@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def seed_user(config_path: str, user_id: str, limits: dict, key_file: str) -> None:
     sys.path.insert(0, str(ROOT))
     from proxyd.config import load_config
-    from proxyd.limits import parse_limits
+    from proxyd.limitspec import parse_limits
     from proxyd.server import build_context
 
     async def run() -> str:

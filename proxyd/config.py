@@ -4,7 +4,7 @@ config.yaml is nested YAML; each leaf is addressed by its dotted name (``upstrea
 rejects any key not in the table and any value of the wrong type, naming the key, so a typo stops
 the start instead of silently running with a default. A few environment variables override keys
 (see ``ENV_OVERRIDES``). Keys typed ``dict`` (limits, pricing, models) hold structures that their
-own modules validate (``limits.parse_limits``, ``pricing.PriceTable``).
+own modules validate (``limitspec.parse_limits``, ``pricing.PriceTable``).
 """
 
 from __future__ import annotations

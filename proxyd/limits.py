@@ -24,22 +24,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .admission import Check, OpenRequests, Refusal, RefusalKind  # noqa: F401 (Check: its old home)
-from .limitspec import (  # noqa: F401
-    LIMIT_FIELDS,
-    MAX_COUNT,
-    MAX_USD,
-    METRIC_NAMES,
-    SHORT_TERM,
-    Limits,
-    Metric,
-    Window,
-    merge,
-    parse_limits,
-    to_api,
-)
-from .periods import DAY_END, DAY_KEY, MONTH_END, MONTH_KEY, calendar_of, day_key, month_key, period_end  # noqa: F401
-from .pricing import NANO, cost_nusd, usd_str  # noqa: F401
+from .admission import Check, OpenRequests, Refusal, RefusalKind
+from .limitspec import LIMIT_FIELDS, Limits, Metric, Window
+from .periods import DAY_END, DAY_KEY, MONTH_END, MONTH_KEY, calendar_of, day_key, month_key
+from .pricing import cost_nusd
 
 REQUESTS, TOKENS, COST = Metric.REQUESTS, Metric.TOKENS, Metric.COST
 MINUTE, CONCURRENT, DAY, MONTH = Window.MINUTE, Window.CONCURRENT, Window.DAY, Window.MONTH

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .limits import month_key, usd_str
+from .periods import month_key
+from .pricing import usd_str
 from .storage import InvoiceLine, UsageRow
 
 

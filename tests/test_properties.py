@@ -28,8 +28,9 @@ from proxyd import validate
 from proxyd.config import load_config
 from proxyd.errors import InvalidRequest, QuotaExceeded, RateLimited
 from proxyd.images import image_parts
-from proxyd.limits import LIMIT_FIELDS, MAX_COUNT, MAX_USD, NANO, Limiter, parse_limits, to_api
-from proxyd.pricing import cost_nusd
+from proxyd.limits import Limiter
+from proxyd.limitspec import LIMIT_FIELDS, MAX_COUNT, MAX_USD, parse_limits, to_api
+from proxyd.pricing import NANO, cost_nusd
 from proxyd.sse import DONE, SSEParser, event
 from proxyd.storage import from_iso_ms, iso_ms
 from proxyd.tokens import TokenCounter

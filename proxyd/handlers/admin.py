@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import reports
 from ..errors import AuthError, InvalidRequest, PermissionDenied
-from ..limits import parse_limits, to_api
+from ..limitspec import parse_limits, to_api
 from .base import BaseHandler
 from .usage import day_range, invoice_period, usage_query
 

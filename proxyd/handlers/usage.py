@@ -10,8 +10,9 @@ from typing import Any
 
 from .. import reports
 from ..errors import InvalidRequest
-from ..limits import day_key, month_key, to_api
+from ..limitspec import to_api
 from ..modelname import canonical
+from ..periods import day_key, month_key
 from .base import BaseHandler
 
 DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")  # not \d: it matches other scripts' digits too
