@@ -57,6 +57,8 @@ class Ticket:
     stream: bool
     hold: Hold  # the admission's reservation handle
     started: float  # perf_counter, for latency
+    upstream: str | None = None  # the configured upstream that served it (the last one tried)
+    attempts: int = 0  # upstreams tried (more than one after a failover)
 
     @property
     def prompt_tokens(self) -> int:
@@ -260,4 +262,5 @@ def _row(ticket: Ticket, status: str, finished_at: float | None, *, http_status:
         int((time.perf_counter() - ticket.started) * 1000) if ended else None,
         usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None,
         usage.source if usage else None, price[0] if price else None, price[1] if price else None, cost, error,
+        ticket.upstream, ticket.attempts or None,
     )

@@ -109,6 +109,7 @@ class MeteredCall:
             return ticket
         sink.admitted(ticket, budget, capped_by)
         upstream_body = endpoint.forward_body(body, ticket.completion_tokens, stream)
+        ticket.upstream, ticket.attempts = backend.upstream_name, 1  # the ledger row's (failover: the last tried)
         error: BaseException | None = None
         try:
             resp = await self.forward(backend, upstream_body)

@@ -102,6 +102,13 @@ def test_billed_usage_equals_reported(make_world):
     u = world.get("/v1/usage", key).json()
     assert u["totals"]["requests"] == 6
     assert {r["model"] for r in u["data"]} == {"llama3.2:1b", "nomic-embed-text:latest"}
+    # Each row names its endpoint, the upstream that served it (the one upstream is "default") and the attempts.
+    assert sorted(set(world.rows("SELECT endpoint, upstream, attempts FROM requests"))) == [
+        ("chat.completions", "default", 1), ("completions", "default", 1), ("embeddings", "default", 1)]
+    by_endpoint = world.get("/v1/usage", key, group_by="endpoint").json()["data"]
+    assert [(r["endpoint"], r["requests"]) for r in by_endpoint] == [
+        ("chat.completions", 3), ("completions", 2), ("embeddings", 1)]
+    assert world.get("/v1/usage", key, group_by="upstream").status_code == 400  # the operator's view only
 
 
 def test_counted_usage_when_upstream_reports_none(make_world):

@@ -111,11 +111,14 @@ conn.execute("BEGIN")
 for i in range(0, n, 10000):
     conn.executemany(sql, [(new_request_id(),) for _ in range(min(10000, n - i))])
 # ...and their daily aggregate, as the writer keeps it (GET /admin/ledger/check compares the two).
-priced = "input_price_nusd_per_mtok" in {r[1] for r in conn.execute("PRAGMA table_info(usage_daily)")}  # m004
-conn.execute("INSERT INTO usage_daily (user_id, model, day, requests, prompt_tokens, completion_tokens, cost_nusd"
-             + (", input_price_nusd_per_mtok, output_price_nusd_per_mtok) VALUES (?, ?, ?, ?, ?, ?, ?, 20000, 50000)"
-                if priced else ") VALUES (?, ?, ?, ?, ?, ?, ?)"),
-             ("history", "llama3.2:1b", "2026-01-01", n, 26 * n, 13 * n, 1170 * n))
+# The aggregate's columns differ by schema version (m004 added the prices, m006 endpoint and upstream), and
+# the bench may run a tree of either: fill in what this tree's schema has.
+cols = {"user_id": "history", "model": "llama3.2:1b", "day": "2026-01-01", "requests": n, "prompt_tokens": 26 * n,
+        "completion_tokens": 13 * n, "cost_nusd": 1170 * n, "input_price_nusd_per_mtok": 20000,
+        "output_price_nusd_per_mtok": 50000, "endpoint": "chat.completions", "upstream": "default"}
+have = {r[1] for r in conn.execute("PRAGMA table_info(usage_daily)")}
+cols = {k: v for k, v in cols.items() if k in have}
+conn.execute(f"INSERT INTO usage_daily ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", list(cols.values()))
 conn.execute("COMMIT")
 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 conn.close()

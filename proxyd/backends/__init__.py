@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 
 class Backend(Protocol):
-    name: str  # as /healthz names it
+    name: str  # the kind, as /healthz names it
+    upstream_name: str  # the configured upstream's name, as the ledger's upstream column records it
     # operation ("chat", "completions", "embeddings", "models") -> the upstream's path for it
     paths: dict[str, str]
 

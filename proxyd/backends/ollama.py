@@ -30,8 +30,9 @@ class OllamaBackend:
         "models": "/v1/models",
     }
 
-    def __init__(self, upstream: Upstream, images: Any) -> None:
+    def __init__(self, upstream: Upstream, images: Any, upstream_name: str = "default") -> None:
         self.upstream = upstream
+        self.upstream_name = upstream_name  # config's upstream.url is the one upstream called "default"
         # The image policy: Ollama takes images only inline, as JPEG, PNG or WebP data URLs; proxyd checks,
         # fetches and converts the rest (proxyd/images.py, ImageInliner).
         self.images = images

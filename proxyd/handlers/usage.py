@@ -47,7 +47,8 @@ async def usage_query(handler: BaseHandler, *, user_id: str | None, default_grou
     ledger = handler.ctx.ledger
     start, end = day_range(handler, month_key(ledger.clock()) + "-01")  # by default this month so far
     group_by = handler.get_query_argument("group_by", default_group)
-    allowed = ("model", "day") if user_id is not None else ("model", "day", "user")
+    # Users see their usage by model, day and dialect; which upstream served it is the operator's concern.
+    allowed = ("model", "day", "endpoint") if user_id is not None else ("model", "day", "user", "endpoint", "upstream")
     if group_by not in allowed:
         raise InvalidRequest(f"'group_by' must be one of {', '.join(allowed)}", param="group_by")
     model = handler.get_query_argument("model", None)

@@ -28,10 +28,13 @@ from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 # A request's ledger row, in this order (the meter builds it, the ledger stores it as it is). Money is integer
 # nano-USD; times are UTC ISO 8601 to the millisecond (``iso_ms``); ``day`` is the UTC day of admission, the
 # period the request is billed to. status: pending -> settled | voided, or expired (a crash's leftover).
+# ``upstream`` names the configured upstream that served it (the last one tried), ``attempts`` how many were
+# tried (failover); both are None while pending and for a request refused before any was tried.
 REQUEST_COLUMNS = (
     "id", "user_id", "key_id", "model", "endpoint", "stream", "status", "day", "created_at",
     "reserved_prompt", "reserved_completion", "http_status", "finished_at", "latency_ms", "prompt_tokens",
     "completion_tokens", "usage_source", "input_price_nusd_per_mtok", "output_price_nusd_per_mtok", "cost_nusd", "error",
+    "upstream", "attempts",
 )
 RequestRow = tuple  # of len(REQUEST_COLUMNS) values
 
@@ -65,7 +68,8 @@ class RecentRequest(NamedTuple):
 
 
 class UsageRow(NamedTuple):
-    """One group of a usage report (``key`` is the model, the day or the user, by ``group_by``)."""
+    """One group of a usage report (``key`` is the model, the day, the user, the endpoint or the upstream,
+    by ``group_by``)."""
 
     key: str
     requests: int
@@ -158,7 +162,8 @@ class Ledger(Protocol):
     # -- reports ---------------------------------------------------------------------------------------
     async def usage(self, *, user_id: str | None, start: str, end: str, group_by: str,
                     model: str | None) -> list[UsageRow]:
-        """Settled sums over the UTC days [start, end], grouped by "model", "day" or "user", in key order."""
+        """Settled sums over the UTC days [start, end], grouped by "model", "day", "user", "endpoint" or
+        "upstream", in key order."""
 
     async def invoice_lines(self, *, period: str, user_id: str | None) -> list[InvoiceLine]:
         """A month's (YYYY-MM) settled usage per user, model and price, in that order."""

@@ -46,21 +46,23 @@ _UPSERT = Upsert(
     " completion_tokens=excluded.completion_tokens, usage_source=excluded.usage_source,"
     " input_price_nusd_per_mtok=excluded.input_price_nusd_per_mtok,"
     " output_price_nusd_per_mtok=excluded.output_price_nusd_per_mtok, cost_nusd=excluded.cost_nusd,"
-    " error=excluded.error"
+    " error=excluded.error, upstream=excluded.upstream, attempts=excluded.attempts"
 )
 
-# Params: (user_id, model, day, input price, output price, requests, prompt_tokens, completion_tokens,
-# cost_nusd); the writer sums the rows of one commit that share the first five (migration m004: keyed by
-# price so that invoices, a line per price in force, read aggregates too).
+# Params: (user_id, model, day, endpoint, upstream, input price, output price, requests, prompt_tokens,
+# completion_tokens, cost_nusd); the writer sums the rows of one commit that share the first seven (keyed by
+# price since m004, so that invoices, a line per price in force, read aggregates too; by endpoint and
+# upstream since m006, for usage by dialect and by upstream).
 _DAILY = Additive(
-    "INSERT INTO usage_daily (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok, requests,"
-    " prompt_tokens, completion_tokens, cost_nusd)",
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    " ON CONFLICT (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok) DO UPDATE SET"
+    "INSERT INTO usage_daily (user_id, model, day, endpoint, upstream, input_price_nusd_per_mtok,"
+    " output_price_nusd_per_mtok, requests, prompt_tokens, completion_tokens, cost_nusd)",
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    " ON CONFLICT (user_id, model, day, endpoint, upstream, input_price_nusd_per_mtok, output_price_nusd_per_mtok)"
+    " DO UPDATE SET"
     " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
     " completion_tokens = completion_tokens + excluded.completion_tokens,"
     " cost_nusd = cost_nusd + excluded.cost_nusd",
-    key_len=5,
+    key_len=7,
 )
 
 
@@ -106,10 +108,10 @@ class SQLiteStorage(Store):
         self.submit([(_UPSERT, row)]).add_done_callback(_log_failure)
 
     def record_settled(self, row: RequestRow):
-        # The daily aggregate's share is read off the row (user, model, day, prices; 1 request, tokens, cost):
-        # no second computation of the day, and the two cannot disagree.
-        return self.submit([(_UPSERT, row), (_DAILY, (row[1], row[3], row[7], row[17], row[18], 1, row[14], row[15],
-                                                      row[19]))])
+        # The daily aggregate's share is read off the row (user, model, day, endpoint, upstream, prices;
+        # 1 request, tokens, cost): no second computation of the day, and the two cannot disagree.
+        return self.submit([(_UPSERT, row), (_DAILY, (row[1], row[3], row[7], row[4], row[21] or "default", row[17],
+                                                      row[18], 1, row[14], row[15], row[19]))])
 
     def record_voided(self, row: RequestRow) -> None:
         self.submit([(_UPSERT, row)]).add_done_callback(_log_failure)
@@ -240,8 +242,9 @@ def recent_requests(conn: sqlite3.Connection, since: float) -> list[RecentReques
 
 def usage_rows(conn: sqlite3.Connection, *, user_id: str | None, start: str, end: str, group_by: str,
                model: str | None) -> list[UsageRow]:
-    """Sums over [start, end] (UTC days, inclusive), grouped by model, day or user, from the aggregates."""
-    column = {"model": "model", "day": "day", "user": "user_id"}[group_by]
+    """Sums over [start, end] (UTC days, inclusive), grouped by model, day, user, endpoint or upstream,
+    from the aggregates."""
+    column = {"model": "model", "day": "day", "user": "user_id", "endpoint": "endpoint", "upstream": "upstream"}[group_by]
     where, params = ["day >= ?", "day <= ?"], [start, end]
     if user_id is not None:
         where.append("user_id = ?")
@@ -298,25 +301,28 @@ def consistency(conn: sqlite3.Connection, *, start: str | None = None, end: str 
         rows_where, daily_where = f"status = 'settled' AND {in_range}", "WHERE day BETWEEN :start AND :end"
         params = {"start": start, "end": end}
         status_sql = f"SELECT status, COUNT(*) FROM requests WHERE {in_range} GROUP BY status"
+    key = "user_id, model, day, endpoint, upstream, input_price_nusd_per_mtok, output_price_nusd_per_mtok"
     diffs = conn.execute(
         f"""
         WITH r AS (
-            SELECT user_id, model, day, COALESCE(input_price_nusd_per_mtok, 0) AS input_price_nusd_per_mtok,
+            SELECT user_id, model, day, endpoint, COALESCE(upstream, 'default') AS upstream,
+                   COALESCE(input_price_nusd_per_mtok, 0) AS input_price_nusd_per_mtok,
                    COALESCE(output_price_nusd_per_mtok, 0) AS output_price_nusd_per_mtok, COUNT(*) AS requests,
                    SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, SUM(cost_nusd) AS cost
-            FROM requests WHERE {rows_where} GROUP BY 1, 2, 3, 4, 5
+            FROM requests WHERE {rows_where} GROUP BY 1, 2, 3, 4, 5, 6, 7
         ), u AS (
             SELECT * FROM usage_daily {daily_where}
         ), keys AS (
-            SELECT user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok FROM r
+            SELECT {key} FROM r
             UNION
-            SELECT user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok FROM u
+            SELECT {key} FROM u
         )
-        SELECT k.user_id, k.model, k.day, k.input_price_nusd_per_mtok, k.output_price_nusd_per_mtok,
-               r.requests, u.requests, r.p, u.prompt_tokens, r.c, u.completion_tokens, r.cost, u.cost_nusd
+        SELECT k.user_id, k.model, k.day, k.endpoint, k.upstream, k.input_price_nusd_per_mtok,
+               k.output_price_nusd_per_mtok, r.requests, u.requests, r.p, u.prompt_tokens, r.c, u.completion_tokens,
+               r.cost, u.cost_nusd
         FROM keys k
-        LEFT JOIN r USING (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok)
-        LEFT JOIN u USING (user_id, model, day, input_price_nusd_per_mtok, output_price_nusd_per_mtok)
+        LEFT JOIN r USING ({key})
+        LEFT JOIN u USING ({key})
         WHERE COALESCE(r.requests, 0) != COALESCE(u.requests, 0) OR COALESCE(r.p, 0) != COALESCE(u.prompt_tokens, 0)
            OR COALESCE(r.c, 0) != COALESCE(u.completion_tokens, 0) OR COALESCE(r.cost, 0) != COALESCE(u.cost_nusd, 0)
         """,

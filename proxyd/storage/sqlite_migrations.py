@@ -184,3 +184,60 @@ def m005_model_names_as_ollama_matches_them(db: Database) -> None:
     db.execute("DELETE FROM usage_daily")
     db.execute("INSERT INTO usage_daily SELECT * FROM usage_daily_m005")
     db.execute("DROP TABLE usage_daily_m005")
+
+
+@migrations()
+def m006_endpoint_and_upstream(db: Database) -> None:
+    # Several dialects (issue #14) and several upstreams (issue #15) are reported on: usage by endpoint,
+    # usage by upstream, and which upstream served a request in how many attempts. The request rows get
+    # the upstream and the attempts; the daily aggregate is keyed by endpoint and upstream as well, so those
+    # reports read aggregates too. Rows written before name no upstream: they were all served by the one
+    # upstream, which is now called "default" (``COALESCE`` below and in the consistency check, rather than
+    # rewriting every old row). The aggregate is rebuilt from the rows (it had no endpoint column).
+    db.execute("ALTER TABLE requests ADD COLUMN upstream TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN attempts INTEGER")
+    db.execute("ALTER TABLE usage_daily RENAME TO usage_daily_m004")
+    db.execute("DROP INDEX IF EXISTS idx_usage_daily_day")
+    db["usage_daily"].create(
+        {
+            "user_id": str,
+            "model": str,
+            "day": str,
+            "endpoint": str,
+            "upstream": str,
+            "input_price_nusd_per_mtok": int,
+            "output_price_nusd_per_mtok": int,
+            "requests": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "cost_nusd": int,
+        },
+        pk=("user_id", "model", "day", "endpoint", "upstream", "input_price_nusd_per_mtok", "output_price_nusd_per_mtok"),
+        not_null={"user_id", "model", "day", "endpoint", "upstream", "input_price_nusd_per_mtok",
+                  "output_price_nusd_per_mtok"},
+    )
+    db["usage_daily"].create_index(["day"])
+    db.execute(
+        "INSERT INTO usage_daily SELECT user_id, model, day, endpoint, COALESCE(upstream, 'default'),"
+        " COALESCE(input_price_nusd_per_mtok, 0), COALESCE(output_price_nusd_per_mtok, 0), COUNT(*),"
+        " SUM(COALESCE(prompt_tokens, 0)), SUM(COALESCE(completion_tokens, 0)), SUM(COALESCE(cost_nusd, 0))"
+        " FROM requests WHERE status = 'settled' GROUP BY 1, 2, 3, 4, 5, 6, 7"
+    )
+    # As m004: an old aggregate that disagreed with the rows changes here; say so, with the figures.
+    changed = db.execute(
+        "WITH n AS (SELECT user_id, model, day, input_price_nusd_per_mtok AS i, output_price_nusd_per_mtok AS o,"
+        " SUM(requests) AS r, SUM(prompt_tokens) AS p, SUM(completion_tokens) AS c, SUM(cost_nusd) AS cost"
+        " FROM usage_daily GROUP BY 1, 2, 3, 4, 5),"
+        " k AS (SELECT user_id, model, day, i, o FROM n UNION SELECT user_id, model, day, input_price_nusd_per_mtok,"
+        " output_price_nusd_per_mtok FROM usage_daily_m004)"
+        " SELECT k.user_id, k.model, k.day, COALESCE(old.requests, 0), COALESCE(n.r, 0), COALESCE(old.cost_nusd, 0),"
+        " COALESCE(n.cost, 0) FROM k LEFT JOIN n USING (user_id, model, day, i, o)"
+        " LEFT JOIN usage_daily_m004 old ON old.user_id = k.user_id AND old.model = k.model AND old.day = k.day"
+        " AND old.input_price_nusd_per_mtok = k.i AND old.output_price_nusd_per_mtok = k.o"
+        " WHERE COALESCE(old.requests, 0) != COALESCE(n.r, 0) OR COALESCE(old.prompt_tokens, 0) != COALESCE(n.p, 0)"
+        " OR COALESCE(old.completion_tokens, 0) != COALESCE(n.c, 0) OR COALESCE(old.cost_nusd, 0) != COALESCE(n.cost, 0)"
+    ).fetchall()
+    for row in changed:
+        log.warning("m006: daily aggregate of user %s, model %s, day %s rebuilt from the request rows: requests %s -> %s,"
+                    " cost (nano-USD) %s -> %s", *row)
+    db.execute("DROP TABLE usage_daily_m004")
