@@ -65,7 +65,8 @@ class MeteredCall:
     """One metered request through the pipeline. Built per request, run once."""
 
     __slots__ = ("ctx", "endpoint", "sink", "caller", "request_id", "tokens", "backend", "body", "our_id",
-                 "include_usage", "resp", "waiting", "usage", "texts", "delivered", "usage_relayed", "last_event")
+                 "include_usage", "resp", "waiting", "usage", "texts", "delivered", "usage_relayed", "last_event",
+                 "upstream_done")
 
     def __init__(self, ctx: Any, endpoint: Any, sink: ClientSink, caller: Any, request_id: str) -> None:
         self.ctx = ctx  # proxyd.server.Context: meter, tokens, router, config, metrics
@@ -83,6 +84,9 @@ class MeteredCall:
         self.delivered = False
         self.usage_relayed = False  # the client got a usage event (streams that asked for usage)
         self.last_event: dict[str, Any] | None = None  # the last stream event (its object, model, created)
+        # Set by an endpoint's relay_event on its dialect's terminal event (Anthropic's message_stop,
+        # Responses' response.completed, the native API's done: true): streams without a [DONE] line.
+        self.upstream_done = False
 
     async def run(self, body: dict[str, Any]) -> Refusal | None:
         """The whole request; returns the Refusal if the admission refused it (nothing sent yet), else
@@ -212,7 +216,7 @@ class MeteredCall:
         """Event by event, as they come; everything but the stream's end (sent after the settle)."""
         sink, relay_event = self.sink, self.endpoint.relay_event
         sink.start_stream(self.endpoint.stream_content_type)
-        parser = self.backend.stream_parser()
+        parser = self.backend.stream_parser(self.endpoint.operation)
         done = False
         try:
             async for chunk in resp.chunks():
@@ -224,6 +228,9 @@ class MeteredCall:
                     relayed = relay_event(data, self)
                     if relayed is not None:
                         out.append(relayed)
+                    if self.upstream_done:
+                        done = True
+                        break
                 if out:
                     await sink.send(b"".join(out))
                     self.delivered = True
@@ -239,7 +246,7 @@ class MeteredCall:
             # which also tells the upstream to stop generating.
             resp.release() if done else resp.abort()
         if not done:
-            raise UpstreamUnavailable("Upstream stream ended without [DONE] (connection cut or upstream error).")
+            raise UpstreamUnavailable("Upstream stream ended before its end (connection cut or upstream error).")
 
     # -- settle ----------------------------------------------------------------------------------------------
 

@@ -22,9 +22,11 @@ class Backend(Protocol):
         """Sends a request and waits for the response's headers (an ``proxyd.upstream.UpstreamResponse``:
         status, read(), chunks(), release(), abort())."""
 
-    def stream_parser(self) -> Any:
-        """A fresh parser for one response stream: ``feed(bytes)`` yields each event's payload, and
-        ``proxyd.sse.DONE`` once the upstream says the stream is complete."""
+    def stream_parser(self, operation: str) -> Any:
+        """A fresh parser for one response stream of ``operation`` (the upstream's framing may differ by
+        route: SSE on Ollama's /v1, NDJSON on its /api): ``feed(bytes)`` yields each event's payload, and
+        ``proxyd.sse.DONE`` once the upstream says the stream is complete (a dialect without such a line
+        ends on its terminal event instead: ``MeteredCall.upstream_done``)."""
 
     def error(self, status: int, raw: bytes) -> Exception:
         """The upstream's error answer as the ProxyError the client gets."""

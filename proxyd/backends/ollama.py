@@ -40,7 +40,9 @@ class OllamaBackend:
         self.open = upstream.request
         self.health = upstream.health
 
-    stream_parser = SSEParser
+    @staticmethod
+    def stream_parser(operation: str) -> SSEParser:
+        return SSEParser()
     canonical_model = staticmethod(canonical)
 
     @staticmethod
