@@ -51,6 +51,20 @@ TOOL_FIELDS = frozenset({"type", "name", "description", "strict", "parameters", 
 # results (middleware/openai.go WebSearchResponsesWriter): calls proxyd can neither see nor meter.
 TOOL_TYPES = ("function", "namespace")
 
+# Fields whose type Ollama's decoder checks (a 400 from Ollama after a reservation, were they sent on).
+_TYPES = (
+    ("instructions", lambda v: isinstance(v, str), "a string"),
+    ("temperature", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    ("top_p", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    ("truncation", lambda v: isinstance(v, str), "a string"),
+    ("reasoning", lambda v: isinstance(v, dict), "an object"),
+    ("text", lambda v: isinstance(v, dict), "an object"),
+    ("include", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "an array of strings"),
+    ("store", lambda v: isinstance(v, bool), "a boolean"),
+)
+# openai/openai.go thinkFromReasoningEffort: anything else is Ollama's 400.
+_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "ultra", "max")
+
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _DELTA = "response.output_text.delta"
 _DELTA_FRAME = b"event: " + _DELTA.encode() + b"\ndata: "
@@ -84,12 +98,13 @@ class Responses(OpenAIEndpoint):
         if not (isinstance(inp, str) and inp) and not (isinstance(inp, list) and inp):
             raise InvalidRequest("'input' must be a non-empty string or a non-empty array of input items",
                                  param="input")
-        instructions = body.get("instructions")
-        if instructions is not None and not isinstance(instructions, str):
-            raise InvalidRequest("'instructions' must be a string", param="instructions")
-        store = body.get("store")
-        if store is not None and not isinstance(store, bool):
-            raise InvalidRequest("'store' must be a boolean", param="store")
+        for name, ok, what in _TYPES:
+            value = body.get(name)
+            if value is not None and not ok(value):
+                raise InvalidRequest(f"'{name}' must be {what}", param=name)
+        effort = (body.get("reasoning") or {}).get("effort")
+        if effort is not None and effort not in _EFFORTS:
+            raise InvalidRequest(f"'reasoning.effort' must be one of {', '.join(_EFFORTS)}", param="reasoning.effort")
         return model, _flag(body, "stream"), False, _positive_int(body, "max_output_tokens")
 
     async def estimate(self, body: dict[str, Any], model: str, call: Any) -> int:
