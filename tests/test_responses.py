@@ -124,7 +124,7 @@ def test_items_tools_and_function_calls(world):
 
 def test_store_true_is_answered_with_store_false(world):
     key = world.new_user("alice")
-    r = world.client(key).responses.create(model=MODEL, input="hi", store=True)
+    r = world.client(key).responses.create(model=MODEL, input="hi", store=True, reasoning={"effort": ""})
     assert r.store is False  # Ollama keeps nothing: the response says so rather than pretend
     s = list(world.client(key).responses.create(model=MODEL, input="hi", store=True, stream=True))
     assert s[0].response.store is False and s[-1].response.store is False

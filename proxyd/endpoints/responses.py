@@ -103,7 +103,7 @@ class Responses(OpenAIEndpoint):
             if value is not None and not ok(value):
                 raise InvalidRequest(f"'{name}' must be {what}", param=name)
         effort = (body.get("reasoning") or {}).get("effort")
-        if effort is not None and effort not in _EFFORTS:
+        if effort not in (None, "") and effort not in _EFFORTS:  # "": Ollama's "not set"
             raise InvalidRequest(f"'reasoning.effort' must be one of {', '.join(_EFFORTS)}", param="reasoning.effort")
         return model, _flag(body, "stream"), False, _positive_int(body, "max_output_tokens")
 
