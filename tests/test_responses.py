@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
 import pytest
 
 from tests.fixtures_images import PNG, data_url, image_server
+from tests.harness import Harness
 
 MODEL = "llama3.2:1b"
 
@@ -439,3 +442,85 @@ def test_the_emulator_speaks_ollamas_responses_wire(world):
     assert r.status_code == 400 and r.json()["error"]["message"] == 'input[0]: unknown input item type: "video"'
     r = httpx.post(url, json={"model": "moondream", "input": image_input("http://example.com/x.png")})
     assert r.status_code == 400 and "image URLs are not currently supported" in r.json()["error"]["message"]
+
+
+# -- upstreams other than Ollama: other terminal events, a [DONE] line, an error event --------------------
+
+
+def _event(kind: str, **data) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+
+def _response(status: str, usage: dict | None = None) -> dict:
+    return {"id": "resp_1", "object": "response", "status": status, "model": MODEL, "output": [], "usage": usage}
+
+
+STUB_STREAMS = {
+    "incomplete": _event("response.created", sequence_number=0, response=_response("in_progress"))
+    + _event("response.output_text.delta", sequence_number=1, item_id="m", output_index=0, content_index=0, delta="alpha")
+    + _event("response.incomplete", sequence_number=2,
+             response=_response("incomplete", {"input_tokens": 7, "output_tokens": 1, "total_tokens": 8})),
+    "done_line": _event("response.created", sequence_number=0, response=_response("in_progress"))
+    + _event("response.output_text.delta", sequence_number=1, item_id="m", output_index=0, content_index=0, delta="alpha")
+    + _event("response.output_text.delta", sequence_number=2, item_id="m", output_index=0, content_index=0, delta=" beta")
+    + b"data: [DONE]\n\n",
+    "error": _event("response.created", sequence_number=0, response=_response("in_progress"))
+    + _event("response.output_text.delta", sequence_number=1, item_id="m", output_index=0, content_index=0, delta="alpha")
+    + b"\0"  # written apart: the client has the text before the error comes
+    + _event("error", sequence_number=2, code="server_error", message="the runner died"),
+}
+
+
+class _StubUpstream(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        data = STUB_STREAMS[body["input"]]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(data) - data.count(b"\0")))
+        self.end_headers()
+        for i, part in enumerate(data.split(b"\0")):
+            if i:
+                time.sleep(0.2)
+            self.wfile.write(part)
+            self.wfile.flush()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def stub_world(tmp_path):
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _StubUpstream)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    world = Harness(str(tmp_path / "p.db"), upstream_url=f"http://127.0.0.1:{stub.server_address[1]}").start()
+    yield world
+    world.close()
+    stub.shutdown()
+
+
+def test_other_terminal_events_and_a_done_line_end_the_stream(stub_world):
+    world = stub_world
+    client = world.client(world.new_user("alice"))
+    events = list(client.responses.create(model=MODEL, input="incomplete", stream=True))
+    assert [e.type for e in events] == ["response.created", "response.output_text.delta", "response.incomplete"]
+    assert events[-1].response.id == events[0].response.id != "resp_1"  # proxyd's id on both
+    assert (events[-1].response.usage.input_tokens, events[-1].response.usage.output_tokens) == (7, 1)
+    # A stream that ends with [DONE] and no terminal event still gets one, with the usage proxyd billed.
+    events = list(client.responses.create(model=MODEL, input="done_line", stream=True))
+    assert [e.type for e in events][-1] == "response.completed"
+    [_, (_, status, http, prompt, completion, source)] = ledger(world)
+    [_, (reserved,)] = world.rows("SELECT reserved_prompt FROM requests ORDER BY rowid")
+    assert (status, http, prompt, completion, source) == ("settled", 200, reserved, 2, "counted")
+    assert (events[-1].response.usage.input_tokens, events[-1].response.usage.output_tokens) == (prompt, 2)
+    assert ledger(world)[0][1:] == ("settled", 200, 7, 1, "reported")
+
+
+def test_an_error_event_ends_the_stream_as_an_error_and_bills_what_was_relayed(stub_world):
+    world = stub_world
+    with pytest.raises(openai.APIError) as e:
+        list(world.client(world.new_user("alice")).responses.create(model=MODEL, input="error", stream=True))
+    assert "the runner died" in e.value.message
+    [(_, status, http, _, completion, source)] = ledger(world)
+    assert (status, http, completion, source) == ("settled", 502, 1, "counted")
+    no_pending(world)
