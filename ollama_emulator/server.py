@@ -19,6 +19,7 @@ from .handlers import (
     RootHandler,
     VersionHandler,
 )
+from .responses import ResponsesHandler
 from .state import EmulatorOptions, EmulatorState
 
 log = logging.getLogger("ollama_emulator")
@@ -42,6 +43,7 @@ def make_app(state: EmulatorState) -> tornado.web.Application:
             (r"/v1/chat/completions", ChatHandler, args),
             (r"/v1/completions", CompletionsHandler, args),
             (r"/v1/embeddings", EmbeddingsHandler, args),
+            (r"/v1/responses", ResponsesHandler, args),
             (r"/v1/models", ModelsHandler, args),
             (r"/v1/models/([^/]+)", ModelHandler, args),
         ],

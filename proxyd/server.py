@@ -22,6 +22,7 @@ from .config import Config, ConfigError
 from .errors import InvalidRequest
 from .handlers import admin, openai, usage
 from .handlers.base import BaseHandler, NotFoundHandler
+from .handlers.responses import ResponsesHandler
 from .limits import Limiter, MemoryAdmission
 from .limitspec import parse_limits
 from .meter import Meter
@@ -244,6 +245,7 @@ def api_routes() -> list[tuple[str, type]]:
         (v1 + r"chat/completions", openai.ChatCompletionsHandler),
         (v1 + r"completions", openai.CompletionsHandler),
         (v1 + r"embeddings", openai.EmbeddingsHandler),
+        (v1 + r"responses", ResponsesHandler),
         (v1 + r"models", openai.ModelsHandler),
         (v1 + r"models/(.+)", openai.ModelsHandler),
         (v1 + r"usage", usage.UsageHandler),

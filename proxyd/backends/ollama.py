@@ -27,6 +27,7 @@ class OllamaBackend:
         "chat": "/v1/chat/completions",
         "completions": "/v1/completions",
         "embeddings": "/v1/embeddings",
+        "responses": "/v1/responses",
         "models": "/v1/models",
     }
 
