@@ -19,6 +19,7 @@ from .handlers import (
     RootHandler,
     VersionHandler,
 )
+from .native import ROUTES as NATIVE_ROUTES
 from .state import EmulatorOptions, EmulatorState
 
 log = logging.getLogger("ollama_emulator")
@@ -44,6 +45,7 @@ def make_app(state: EmulatorState) -> tornado.web.Application:
             (r"/v1/embeddings", EmbeddingsHandler, args),
             (r"/v1/models", ModelsHandler, args),
             (r"/v1/models/([^/]+)", ModelHandler, args),
+            *((pattern, handler, args) for pattern, handler in NATIVE_ROUTES),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,
