@@ -14,6 +14,7 @@ from typing import Any
 from .. import jsonio
 from ..errors import ProxyError, UpstreamError, openai_type_for_status
 from ..modelname import canonical
+from ..ndjson import NDJSONParser
 from ..sse import SSEParser
 from ..upstream import Upstream, without_addresses
 
@@ -28,6 +29,15 @@ class OllamaBackend:
         "completions": "/v1/completions",
         "embeddings": "/v1/embeddings",
         "models": "/v1/models",
+        # Ollama's native API (proxyd/endpoints/native.py): NDJSON streams, ``{"error": "..."}`` errors.
+        "api.chat": "/api/chat",
+        "api.generate": "/api/generate",
+        "api.embed": "/api/embed",
+        "api.embeddings": "/api/embeddings",
+        "api.tags": "/api/tags",
+        "api.show": "/api/show",
+        "api.ps": "/api/ps",
+        "api.version": "/api/version",
     }
 
     def __init__(self, upstream: Upstream, images: Any, upstream_name: str = "default") -> None:
@@ -41,8 +51,8 @@ class OllamaBackend:
         self.health = upstream.health
 
     @staticmethod
-    def stream_parser(operation: str) -> SSEParser:
-        return SSEParser()
+    def stream_parser(operation: str) -> SSEParser | NDJSONParser:
+        return NDJSONParser() if operation.startswith("api.") else SSEParser()
     canonical_model = staticmethod(canonical)
 
     @staticmethod
