@@ -429,11 +429,18 @@ class ShowHandler(BaseHandler):
     def post(self) -> None:
         self.set_header("Content-Type", GIN_JSON)
         body = self.body_json if isinstance(self.body_json, dict) else {}
+        error = None
+        if self.body_error is not None:
+            error = "missing request body" if self.body_error == "EOF" else self.body_error
+        elif self.body_json is not None and not isinstance(self.body_json, dict):
+            error = f"json: cannot unmarshal {_kind(self.body_json)} into Go value of type api.ShowRequest"
+        for field in ("model", "name", "system", "template"):
+            if error is None and body.get(field) is not None and not isinstance(body[field], str):
+                error = f"json: cannot unmarshal {_kind(body[field])} into Go struct field ShowRequest.{field} of type string"
         requested = body.get("model") or body.get("name") or ""
-        if self.body_error is not None or not requested:
+        if error is not None or not requested:
             self.set_status(400)
-            self.finish(go_json({"error": "missing request body" if self.body_error == "EOF" else
-                                 self.body_error or "model is required"}))
+            self.finish(go_json({"error": error or "model is required"}))
             return
         model = names.find(requested, self.state.options.models)
         if model is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import jsonio
 from ..endpoints.native import NativeChat, NativeEmbed, NativeEmbeddings, NativeGenerate
-from ..errors import NotFound, PermissionDenied, ProxyError
+from ..errors import InvalidRequest, NotFound, PermissionDenied, ProxyError
 from .base import BaseHandler
 from .openai import ProxyHandler
 
@@ -86,7 +86,11 @@ class ShowHandler(PassThroughHandler):
     operation = "api.show"
 
     async def post(self) -> None:
-        await self.relay("POST", self.json_body())
+        body = self.json_body()
+        model = body.get("model") or body.get("name")  # "name": the field's deprecated spelling
+        if not isinstance(model, str):
+            raise InvalidRequest("model is required" if model is None else "'model' must be a string", param="model")
+        await self.relay("POST", body)
 
 
 class ManagementHandler(NativeHandler):
