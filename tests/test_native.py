@@ -235,6 +235,46 @@ def test_upstream_errors_pass_in_the_native_shape_and_are_voided(world):
     assert [r[:3] for r in ledger(world)] == [("api.chat", "voided", 500), ("api.generate", "voided", 404)]
 
 
+def test_a_revoked_key_ends_its_stream_with_an_error_line_billed_for_what_was_relayed(make_world):
+    world = make_world(emulator={"token_delay_s": 0.05})
+    r = world.admin("POST", "/admin/users", {"user_id": "alice"})
+    key, key_id = r.json()["api_key"], r.json()["key_id"]
+    got = []
+    with pytest.raises(ollama.ResponseError) as e:
+        for part in client(world, key).generate(model=MODEL, prompt="[[emu:reply_tokens=200]] go", stream=True):
+            got.append(part.response)
+            if len(got) == 5:
+                assert world.admin("DELETE", f"/admin/keys/{key_id}").status_code == 204
+    assert e.value.error == "This API key was revoked."
+    deadline = time.time() + 5
+    while time.time() < deadline and world.ctx.meter.limiter.pending:
+        time.sleep(0.02)
+    [(_, status, http, _, completion, source)] = ledger(world)
+    assert (status, http, completion, source) == ("settled", 401, len(got), "counted")
+
+
+def test_relay_event_relays_lines_withholds_the_done_object_and_raises_on_an_error_line():
+    from proxyd.endpoints.native import NativeChat
+    from proxyd.errors import UpstreamError
+
+    class Call:
+        texts: list = []
+        usage = last_event = None
+        upstream_done = False
+
+    call, chat = Call(), NativeChat()
+    call.texts = []
+    line = b'{"model":"m","message":{"role":"assistant","content":"Hi"},"done":false}'
+    assert chat.relay_event(line, call) == line + b"\n" and call.texts == ["Hi"]
+    done = b'{"model":"m","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","eval_count":3}'
+    assert chat.relay_event(done, call) is None and call.upstream_done
+    assert call.usage == {"prompt_tokens": 0, "completion_tokens": 3}  # omitempty: an absent count is 0
+    assert json.loads(chat.stream_end(call, None))["eval_count"] == 3
+    with pytest.raises(UpstreamError) as e:
+        chat.relay_event(b'{"error":"an error was encountered while running the model: unexpected EOF"}', call)
+    assert e.value.status == 502 and "unexpected EOF" in e.value.message
+
+
 # -- images ------------------------------------------------------------------------------------------------
 
 
