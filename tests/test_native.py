@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 
 import httpx
@@ -390,6 +391,8 @@ def test_the_model_routes_are_passed_through_unmetered(world):
     r = httpx.get(world.url + "/api/version", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200 and r.json()["version"]
     assert httpx.get(world.url + "/api/version").status_code == 401
+    head = httpx.head(world.url + "/api/tags", headers={"Authorization": f"Bearer {key}"})
+    assert head.status_code == 200 and head.content == b""
     assert world.rows("SELECT COUNT(*) FROM requests") == [(0,)]
 
 
@@ -462,6 +465,37 @@ def test_usage_groups_by_the_native_endpoints(world):
     data = world.get("/v1/usage", key, group_by="endpoint").json()["data"]
     assert [(r["endpoint"], r["requests"]) for r in data] == [
         ("api.chat", 2), ("api.embed", 1), ("api.embeddings", 1), ("api.generate", 1), ("chat.completions", 1)]
+
+
+# -- the emulator's native API, as Ollama's server/routes.go answers ---------------------------------------
+
+
+def test_the_emulator_streams_ndjson_by_default_and_answers_errors_as_ollama(world):
+    emu = world.upstream_url
+    r = httpx.post(emu + "/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "[[emu:reply_tokens=2]] x"}]})
+    assert r.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(x) for x in r.text.splitlines()]
+    assert [x["done"] for x in lines] == [False, False, True]
+    # created_at as Go writes a time.Time: RFC 3339 in UTC, nanoseconds without trailing zeros
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d*[1-9])?Z", x["created_at"]) for x in lines)
+    assert list(lines[-1])[:5] == ["model", "created_at", "message", "done", "done_reason"]
+    assert lines[-1]["eval_count"] == 3 and lines[-1]["total_duration"] > 0
+    once = httpx.post(emu + "/api/generate", json={"model": MODEL, "prompt": "[[emu:fault=no_usage]] x", "stream": False})
+    assert once.headers["content-type"] == "application/json; charset=utf-8"
+    assert "eval_count" not in once.json() and "prompt_eval_count" not in once.json() and once.json()["context"]
+    for path, body, status, error in [
+        ("/api/chat", b"", 400, "missing request body"),
+        ("/api/chat", {"messages": []}, 400, "model is required"),
+        ("/api/chat", {"model": "nope", "messages": []}, 404, "model 'nope' not found"),
+        ("/api/generate", {"model": ""}, 404, "model '' not found"),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "raw": True, "system": "s"}, 400,
+         "raw mode does not support template, system, or context"),
+        ("/api/embed", {"model": "nope", "input": "x"}, 404, 'model "nope" not found, try pulling it first'),
+        ("/api/embed", {"model": "nomic-embed-text", "input": [1]}, 400, "invalid input type"),
+        ("/api/embeddings", {"prompt": "x"}, 400, "model is required"),
+    ]:
+        r = httpx.post(emu + path, content=body if isinstance(body, bytes) else json.dumps(body))
+        assert (r.status_code, r.json()) == (status, {"error": error}), (path, body, r.text)
 
 
 # -- the NDJSON parser ----------------------------------------------------------------------------------------
