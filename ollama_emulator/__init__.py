@@ -18,6 +18,7 @@ catalogue, models, embeddings and the Host check.
 - replies.py    deterministic replies and embeddings
 - faults.py     injected faults and the [[emu:...]] directives
 - handlers.py   the Tornado handlers; server.py the app and start_emulator; state.py its options
+- native.py     Ollama's native API (/api/chat, /api/generate, /api/embed, ...): NDJSON, {"error"}
 
 Run alone: ``python -m ollama_emulator --port 11434 --token-delay 0.02``.
 """

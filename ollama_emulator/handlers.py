@@ -209,6 +209,8 @@ class ModelHandler(BaseHandler):
 class InferenceHandler(BaseHandler):
     """Shared by chat, completions and embeddings: faults, delays, streaming, cancellation."""
 
+    stream_content_type = "text/event-stream"  # the native API's streams are NDJSON (native.py)
+
     def initialize(self, state: EmulatorState) -> None:
         super().initialize(state)
         self._gone = asyncio.Event()  # set when the client (the proxy) goes away
@@ -312,7 +314,7 @@ class InferenceHandler(BaseHandler):
         stop_at, cut = None, False
         if fault is not None and fault.name in ("cut_after", "stall_after"):
             stop_at, cut = fault.arg, fault.name == "cut_after"
-        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Content-Type", self.stream_content_type)
         self.state.active_streams += 1
         try:
             if await self.pause(opts.first_byte_delay_s):

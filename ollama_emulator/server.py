@@ -19,6 +19,7 @@ from .handlers import (
     RootHandler,
     VersionHandler,
 )
+from .native import ROUTES as NATIVE_ROUTES
 from .responses import ResponsesHandler
 from .state import EmulatorOptions, EmulatorState
 
@@ -46,6 +47,7 @@ def make_app(state: EmulatorState) -> tornado.web.Application:
             (r"/v1/responses", ResponsesHandler, args),
             (r"/v1/models", ModelsHandler, args),
             (r"/v1/models/([^/]+)", ModelHandler, args),
+            *((pattern, handler, args) for pattern, handler in NATIVE_ROUTES),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,

@@ -538,6 +538,9 @@ class _Part:
     url: str
 
 
+ImagePart = _Part  # for dialects that find their images themselves (ImageInliner.inline's parts)
+
+
 def image_parts(messages: Any) -> list[_Part]:
     parts: list[_Part] = []
     if not isinstance(messages, list):
@@ -667,13 +670,16 @@ class ImageInliner:
         _parse_networks(policy.deny_networks)  # bad CIDRs fail at startup, not on the first request
         _parse_endpoints(policy.deny_endpoints)
 
-    async def inline(self, messages: list) -> int:
+    async def inline(self, messages: list, parts: list[ImagePart] | None = None) -> int:
         """Validates every image part; replaces each http(s) URL and each non-Ollama format by a data
         URL Ollama accepts, in place. Returns the number of images. Raises InvalidRequest/PayloadTooLarge.
+        ``parts``: the image slots a dialect found itself (the native API's base64 strings), instead
+        of the image_url parts of ``messages``.
 
         Nothing is changed unless every image succeeds.
         """
-        parts = image_parts(messages)
+        if parts is None:
+            parts = image_parts(messages)
         if not parts:
             return 0
         if len(parts) > self.policy.max_images:

@@ -20,7 +20,7 @@ from .backends import Router
 from .backends.ollama import OllamaBackend
 from .config import Config, ConfigError
 from .errors import InvalidRequest
-from .handlers import admin, openai, usage
+from .handlers import admin, native, openai, usage
 from .handlers.base import BaseHandler, NotFoundHandler
 from .handlers.responses import ResponsesHandler
 from .limits import Limiter, MemoryAdmission
@@ -254,6 +254,7 @@ def api_routes() -> list[tuple[str, type]]:
         (r"/healthz", HealthHandler),
         (r"/metrics", MetricsHandler),
         (r"/openapi.yaml", OpenAPIHandler),
+        *native.routes(),  # Ollama's native API (/api/...)
     ]
 
 

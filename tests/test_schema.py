@@ -201,13 +201,18 @@ def live(tmp_path_factory):
 
 
 def error_envelope(ctx, response, case) -> None:
-    """Every non-2xx answer is exactly {"error": {"message", "type", "param", "code"}}."""
+    """Every non-2xx answer is exactly {"error": {"message", "type", "param", "code"}}; on Ollama's
+    native routes (/api/...) Ollama's {"error": "..."}."""
     if 200 <= response.status_code < 300:
         return
     try:
         body = json.loads(response.content)
     except ValueError:
         raise AssertionError(f"{response.status_code} body is not JSON: {response.content[:300]!r}") from None
+    if case.path.startswith("/api/"):
+        assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str), body
+        assert body["error"] and _header(response, "Content-Type").startswith("application/json"), response.headers
+        return
     assert isinstance(body, dict) and set(body) == {"error"}, f"not an envelope: {body!r}"
     err = body["error"]
     assert isinstance(err, dict) and set(err) == ENVELOPE_KEYS, f"envelope keys {sorted(err)}: {body!r}"

@@ -1,7 +1,7 @@
-"""Ollama, through its OpenAI-compatible API (/v1): the one backend kind today.
+"""Ollama, through its OpenAI-compatible API (/v1) and its native API (/api): the one backend kind today.
 
-The wire facts proxyd relies on (docs/DESIGN.md, "Ollama's quirks"): streams are server-sent events
-ending in ``data: [DONE]``; a stream reports usage only when ``stream_options.include_usage`` is asked
+The wire facts proxyd relies on (docs/DESIGN.md, "Ollama's quirks"): streams on /v1 are server-sent
+events ending in ``data: [DONE]`` (on /api, NDJSON ending on the ``done: true`` object); a stream reports usage only when ``stream_options.include_usage`` is asked
 for, in a last chunk without choices, and /v1/completions then puts a zeroed usage object on every
 other chunk too; an image sent to a model without vision is a 500 whose message says so; runner
 errors name the runner's own address; model names fold as proxyd/modelname.py says.
@@ -14,6 +14,7 @@ from typing import Any
 from .. import jsonio
 from ..errors import ProxyError, UpstreamError, openai_type_for_status
 from ..modelname import canonical
+from ..ndjson import NDJSONParser
 from ..sse import SSEParser
 from ..upstream import Upstream, without_addresses
 
@@ -29,6 +30,15 @@ class OllamaBackend:
         "embeddings": "/v1/embeddings",
         "responses": "/v1/responses",
         "models": "/v1/models",
+        # Ollama's native API (proxyd/endpoints/native.py): NDJSON streams, ``{"error": "..."}`` errors.
+        "api.chat": "/api/chat",
+        "api.generate": "/api/generate",
+        "api.embed": "/api/embed",
+        "api.embeddings": "/api/embeddings",
+        "api.tags": "/api/tags",
+        "api.show": "/api/show",
+        "api.ps": "/api/ps",
+        "api.version": "/api/version",
     }
 
     def __init__(self, upstream: Upstream, images: Any, upstream_name: str = "default") -> None:
@@ -42,8 +52,8 @@ class OllamaBackend:
         self.health = upstream.health
 
     @staticmethod
-    def stream_parser(operation: str) -> SSEParser:
-        return SSEParser()
+    def stream_parser(operation: str) -> SSEParser | NDJSONParser:
+        return NDJSONParser() if operation in _NDJSON_OPERATIONS else SSEParser()
     canonical_model = staticmethod(canonical)
 
     @staticmethod
@@ -79,3 +89,7 @@ class OllamaBackend:
             return UpstreamError("This model does not accept images (" + message + ").", status=400,
                                  type="invalid_request_error", param="messages")
         return UpstreamError(message, status=status, type=kind, code=code, param=param, headers=headers, detail=detail)
+
+
+# The native API's operations: their streams are NDJSON (a set lookup per stream, no call).
+_NDJSON_OPERATIONS = frozenset(op for op in OllamaBackend.paths if op.startswith("api."))
