@@ -28,6 +28,7 @@ class OllamaBackend:
         "completions": "/v1/completions",
         "embeddings": "/v1/embeddings",
         "models": "/v1/models",
+        "messages": "/v1/messages",  # Anthropic's Messages API (Ollama v0.14.0+)
     }
 
     def __init__(self, upstream: Upstream, images: Any, upstream_name: str = "default") -> None:
