@@ -181,6 +181,7 @@ def test_bad_input_gets_anthropic_4xx_and_nothing_reaches_the_ledger(make_world)
         {**ok, "system": 5},
         {**ok, "tools": [{"name": "f", "input_schema": "object"}]},
         {**ok, "stream": "yes"},
+        {**ok, "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]},
         {**ok, "temperature": "hot"},  # Ollama would refuse it after the reservation
         {**ok, "stop_sequences": [1]},
     ]
@@ -283,6 +284,8 @@ def test_a_model_limit_holds_when_dialects_are_mixed_20_way(make_world):
     world.settle_all()
     rows = world.rows("SELECT endpoint, COUNT(*) FROM requests WHERE status = 'settled' GROUP BY endpoint")
     assert sum(n for _, n in rows) == 10 and {e for e, _ in rows} <= {"chat.completions", "messages"}
+    usage = world.get("/v1/usage", key, group_by="endpoint").json()
+    assert sorted((r["endpoint"], r["requests"]) for r in usage["data"]) == sorted(rows)
 
 
 # -- count_tokens ----------------------------------------------------------------------------------------

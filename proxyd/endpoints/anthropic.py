@@ -44,13 +44,6 @@ BLOCK_FIELDS = frozenset({
 })
 SOURCE_FIELDS = frozenset({"type", "media_type", "data", "url"})
 TOOL_FIELDS = frozenset({"type", "name", "description", "input_schema", "max_uses"})
-# convertTool: Ollama's own stand-in for Anthropic's server-side web search tool.
-WEB_SEARCH_TOOL = {"type": "function", "function": {
-    "name": "web_search",
-    "description": "Search the web for current information. Use this to find up-to-date information about any topic.",
-    "parameters": {"type": "object", "required": ["query"],
-                   "properties": {"query": {"type": "string", "description": "The search query to look up on the web"}}},
-}}
 
 # Anthropic's error types by HTTP status (docs.anthropic.com "Errors"; Ollama's NewError agrees where
 # it has one). proxyd's 503 (shutting down, Ollama's queue full) is Anthropic's overloaded_error, kept at
@@ -275,6 +268,12 @@ def check_prompt(body: dict[str, Any]) -> None:
             _go_keys(tool, TOOL_FIELDS, where + ".")
             for name in ("name", "description", "type"):
                 _string(tool, name, where + ".")
+            if (tool.get("type") or "").startswith("web_search"):
+                # Ollama answers it by searching and generating again (up to 3 more times) inside the one
+                # request: generations the request's reservation (one max_tokens) does not cover.
+                raise InvalidRequest(f"{where}: the web search server tool is not available through this proxy "
+                                     "(Ollama would run further generations for it, outside the request's "
+                                     "metered budget); define a client tool instead", param=f"{where}.type")
             if tool.get("max_uses") is not None and type(tool["max_uses"]) is not int:
                 raise InvalidRequest(f"{where}.max_uses: Input should be an integer", param=f"{where}.max_uses")
             schema = tool.get("input_schema")
@@ -416,14 +415,9 @@ def to_chat(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, 
             messages.append(out)
         if role != "user":
             messages += results
-    tools = []
-    for tool in body.get("tools") or ():
-        if (tool.get("type") or "").startswith("web_search"):
-            tools.append(WEB_SEARCH_TOOL)
-        else:
-            tools.append({"type": "function", "function": {
-                "name": tool.get("name") or "", "description": tool.get("description") or "",
-                "parameters": tool.get("input_schema") or {}}})
+    tools = [{"type": "function", "function": {"name": tool.get("name") or "", "description": tool.get("description") or "",
+                                               "parameters": tool.get("input_schema") or {}}}
+             for tool in body.get("tools") or ()]  # web search tools were refused (check_prompt)
     return messages, tools, images
 
 
