@@ -402,3 +402,39 @@ def test_a_stream_error_event_is_anthropic_shaped(world):
     event, data = last.split("\n")
     assert event == "event: error" and "message_stop" not in text
     assert json.loads(data[len("data: "):])["error"]["type"] == "api_error"
+
+
+# -- the emulator's /v1/messages, as Ollama's source writes it ---------------------------------------------
+
+
+def test_emulator_speaks_ollamas_messages_wire(world):
+    url = world.upstream_url + "/v1/messages"
+    r = httpx.post(url, json={"model": MODEL, "max_tokens": 3, "stream": True, "messages": HELLO})
+    assert r.headers["content-type"] == "text/event-stream"
+    blocks = r.text.strip().split("\n\n")
+    names = [b.split("\n")[0][len("event: "):] for b in blocks]
+    assert names == ["message_start", "content_block_start"] + ["content_block_delta"] * 3 + [
+        "content_block_stop", "message_delta", "message_stop"]
+    start = json.loads(blocks[0].split("\n")[1][len("data: "):])
+    assert start["message"]["id"].startswith("msg_") and len(start["message"]["id"]) == 4 + 24
+    assert start["message"]["usage"] == {"input_tokens": len("userHello there") // 4, "output_tokens": 0}
+    delta = json.loads(blocks[-2].split("\n")[1][len("data: "):])
+    assert delta == {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+                     "usage": {"input_tokens": 27, "output_tokens": 3}}
+    # an empty reply: the first chunk is the last, so message_start has the real count and no block opens
+    r = httpx.post(url, json={"model": MODEL, "max_tokens": 3, "stream": True,
+                              "messages": [{"role": "user", "content": "[[emu:reply_tokens=0]] x"}]})
+    names = [b.split("\n")[0] for b in r.text.strip().split("\n\n")]
+    assert names == ["event: message_start", "event: message_delta", "event: message_stop"]
+    # errors: gin's (validation, no newline) and the writer's (json.Encoder's newline), Anthropic's envelope
+    r = httpx.post(url, json={"model": MODEL, "messages": HELLO})
+    assert (r.status_code, r.headers["content-type"]) == (400, "application/json; charset=utf-8")
+    assert r.json()["error"] == {"type": "invalid_request_error", "message": "max_tokens is required and must be positive"}
+    assert r.json()["request_id"].startswith("req_") and not r.text.endswith("\n")
+    r = httpx.post(url, json={"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "http://example.com/x.png"}}]}]})
+    assert r.json()["error"]["message"] == "invalid image source type: url. Only base64 images are supported."
+    r = httpx.post(url, json={"model": "nope", "max_tokens": 3, "messages": HELLO})
+    assert (r.status_code, r.json()["error"]["type"]) == (404, "not_found_error") and r.text.endswith("\n")
+    r = httpx.post(url + "/count_tokens", json={"model": MODEL, "messages": HELLO})
+    assert (r.status_code, r.text) == (404, "404 page not found")  # Ollama has no such route
