@@ -249,6 +249,7 @@ def api_routes() -> list[tuple[str, type]]:
         (v1 + r"models/(.+)", openai.ModelsHandler),
         (v1 + r"messages", anthropic_handlers.MessagesHandler),  # Anthropic's Messages API (issue #14)
         (v1 + r"messages/count_tokens", anthropic_handlers.CountTokensHandler),
+        (v1 + r"messages/.*", anthropic_handlers.MessagesNotFoundHandler),
         (v1 + r"usage", usage.UsageHandler),
         (v1 + r"limits", usage.LimitsHandler),
         (v1 + r"billing/invoices", usage.InvoiceHandler),

@@ -195,6 +195,7 @@ def test_bad_input_gets_anthropic_4xx_and_nothing_reaches_the_ledger(make_world)
     assert r.headers["allow"] == "POST"
     with pytest.raises(anthropic.BadRequestError):
         client(world, key).messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": 5}])
+    assert_envelope(httpx.get(world.url + "/v1/messages/batches", headers={"x-api-key": key}), 404, "not_found_error")
     world.settle_all()
     assert world.rows("SELECT COUNT(*) FROM requests") == [(0,)]
     assert upstream_bodies(world) == []
@@ -438,3 +439,22 @@ def test_emulator_speaks_ollamas_messages_wire(world):
     assert (r.status_code, r.json()["error"]["type"]) == (404, "not_found_error") and r.text.endswith("\n")
     r = httpx.post(url + "/count_tokens", json={"model": MODEL, "messages": HELLO})
     assert (r.status_code, r.text) == (404, "404 page not found")  # Ollama has no such route
+
+
+def test_revoking_the_key_ends_its_stream_with_an_authentication_error_event(make_world):
+    world = make_world(emulator={"token_delay_s": 0.05})
+    r = world.admin("POST", "/admin/users", {"user_id": "alice"})
+    key, key_id = r.json()["api_key"], r.json()["key_id"]
+    got = []
+    with pytest.raises(anthropic.APIStatusError) as e:
+        with client(world, key).messages.stream(model=MODEL, max_tokens=1000, messages=[
+                {"role": "user", "content": "[[emu:reply_tokens=400]] a long story"}]) as stream:
+            for text in stream.text_stream:
+                got.append(text)
+                if len(got) == 5:
+                    assert world.admin("DELETE", f"/admin/keys/{key_id}").status_code == 204
+    assert e.value.body["error"] == {"type": "authentication_error", "message": "This API key was revoked."}
+    wait_until(lambda: world.emu.cancelled_streams == 1 and world.ctx.meter.limiter.pending == 0)
+    world.settle_all()
+    [(_, status, http, _, completion, source, _)] = world.rows(ROWS)
+    assert (status, http, completion, source) == ("settled", 401, len(got), "counted")

@@ -8,7 +8,7 @@ the request id also as ``request-id``, the header the anthropic SDK reads into `
 from __future__ import annotations
 
 from ..endpoints.anthropic import Messages, check_prompt, to_chat
-from ..errors import ProxyError
+from ..errors import NotFound, ProxyError
 from ..validate import _model
 from .base import BaseHandler
 from .openai import ProxyHandler
@@ -16,28 +16,29 @@ from .openai import ProxyHandler
 MESSAGES = Messages()
 
 
-class MessagesHandler(ProxyHandler):
-    endpoint = MESSAGES
+class AnthropicRoute:
+    """What every route under /v1/messages shares: the envelope and the ``request-id`` header."""
 
     def set_default_headers(self) -> None:
-        super().set_default_headers()
-        self._headers["request-id"] = self.request_id
+        super().set_default_headers()  # type: ignore[misc]
+        self._headers["request-id"] = self.request_id  # type: ignore[attr-defined]
+
+    def error_body(self, err: ProxyError) -> bytes:
+        return MESSAGES.error_body(err)
 
 
-class CountTokensHandler(BaseHandler):
+class MessagesHandler(AnthropicRoute, ProxyHandler):
+    endpoint = MESSAGES
+
+
+class CountTokensHandler(AnthropicRoute, BaseHandler):
     """proxyd's own estimate of a Messages request's prompt, as the metered route would reserve it
     (Ollama has no such route). Authenticated, not metered: no reservation, no ledger row, no upstream
     request, and no image is fetched (an image counts the model's image_tokens whatever it is)."""
 
-    endpoint = MESSAGES
-
-    def set_default_headers(self) -> None:
-        super().set_default_headers()
-        self._headers["request-id"] = self.request_id
-
     def prepare(self) -> None:
         super().prepare()
-        self.authenticate_user(self.endpoint.credentials(self.request.headers))
+        self.authenticate_user(MESSAGES.credentials(self.request.headers))
 
     async def post(self) -> None:
         body = self.json_body()
@@ -46,5 +47,10 @@ class CountTokensHandler(BaseHandler):
         messages, tools, _ = to_chat(body)
         self.send_json({"input_tokens": await self.ctx.tokens.chat_prompt(model, messages, tools)})
 
-    def error_body(self, err: ProxyError) -> bytes:
-        return self.endpoint.error_body(err)
+
+class MessagesNotFoundHandler(AnthropicRoute, BaseHandler):
+    """Other paths under /v1/messages/ (Anthropic's batches, ...): a 404 in the envelope of the API
+    the client speaks there."""
+
+    def prepare(self) -> None:
+        raise NotFound(f"Unknown path {self.request.method} {self.request.path}.", code="unknown_url")
