@@ -9,6 +9,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
+from .anthropic import MessagesHandler
 from .handlers import (
     ChatHandler,
     CompletionsHandler,
@@ -48,6 +49,7 @@ def make_app(state: EmulatorState) -> tornado.web.Application:
             (r"/v1/models", ModelsHandler, args),
             (r"/v1/models/([^/]+)", ModelHandler, args),
             *((pattern, handler, args) for pattern, handler in NATIVE_ROUTES),
+            (r"/v1/messages", MessagesHandler, args),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,

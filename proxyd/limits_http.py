@@ -76,6 +76,41 @@ def rate_headers(checks: list[Check], amounts: tuple[int, int, int], now: float,
     return headers
 
 
+def anthropic_rate_headers(checks: list[Check], amounts: tuple[int, int, int], now: float, *, entered: bool,
+                           long_term: bool = True) -> dict[str, str]:
+    """``rate_headers`` in Anthropic's words: anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}
+    for the tightest per-minute limits, the reset as an RFC 3339 time. Anthropic also limits input and
+    output tokens apart; proxyd's token limits count both together, so one such limit bounds each, and
+    anthropic-ratelimit-input-tokens-* and -output-tokens-* repeat it (what a client pacing itself by
+    either must not exceed). Long-term limits are named in proxyd's x-proxyd-limit-* as for OpenAI."""
+    headers: dict[str, str] = {}
+    minute: list = [None, None]
+    tight = None
+    for c in checks:
+        metric = c.metric
+        left = c.limit - c.used - c.reserved - amounts[metric]
+        if c.window == MINUTE:
+            if metric <= TOKENS and (minute[metric] is None or left < minute[metric][0]):
+                minute[metric] = (left, c)
+        elif long_term and c.window != CONCURRENT:
+            fraction = left / c.limit if c.limit else 0.0
+            if tight is None or fraction < tight[0]:
+                tight = (fraction, left, c)
+    for metric, names in ((REQUESTS, ("requests",)), (TOKENS, ("tokens", "input-tokens", "output-tokens"))):
+        best = minute[metric]
+        if best is not None:
+            left, c = best
+            reset = now + 60.0 if entered or c.reset_at is None else max(now, c.reset_at)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(reset + 0.999))  # rounded up: not early
+            for name in names:
+                headers[f"anthropic-ratelimit-{name}-limit"] = str(c.limit)
+                headers[f"anthropic-ratelimit-{name}-remaining"] = str(left if left > 0 else 0)
+                headers[f"anthropic-ratelimit-{name}-reset"] = stamp
+    if tight is not None:
+        headers.update(limit_headers(tight[2], tight[1]))
+    return headers
+
+
 _RESET_TEXT: dict[float, str] = {}  # period end -> its ISO text; a handful of distinct values a month
 
 
@@ -100,14 +135,15 @@ def limit_headers(c: Check, remaining: int) -> dict[str, str]:
     return headers
 
 
-def refusal_error(refusal: Refusal, now: float) -> ProxyError:
+def refusal_error(refusal: Refusal, now: float, describe=rate_headers) -> ProxyError:
     """The 429 a refusal is: RateLimited when waiting seconds helps (the SDK retries it), else
     QuotaExceeded (x-should-retry: false), with its message, Retry-After and the limit headers.
 
     A day, month or total limit is named in proxyd's own x-proxyd-limit-* headers, never in
     x-ratelimit-*: OpenAI's headers describe per-minute windows, and pacing tools read them so (a
     daily quota shown there reads as "100 tokens a minute, wait 2h34m"). OpenAI sends its x-ratelimit-*
-    headers on a 429 too: the state that refused, nothing added."""
+    headers on a 429 too: the state that refused, nothing added. ``describe``: the dialect's headers for
+    the per-minute limits (``rate_headers``, ``anthropic_rate_headers``)."""
     c = refusal.limit
     if refusal.kind is RefusalKind.CONNECTIONS:
         return RateLimited(f"Too many open requests on this API key ({c.used}, the cap is {c.limit}).",
@@ -116,7 +152,7 @@ def refusal_error(refusal: Refusal, now: float) -> ProxyError:
     named = c.window not in SHORT_TERM
     if named:
         err.headers.update(limit_headers(c, c.remaining))
-    for name, value in rate_headers(refusal.checks, _NOTHING, now, entered=False, long_term=not named).items():
+    for name, value in describe(refusal.checks, _NOTHING, now, entered=False, long_term=not named).items():
         err.headers.setdefault(name, value)
     return err
 

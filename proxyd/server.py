@@ -21,6 +21,7 @@ from .backends.ollama import OllamaBackend
 from .config import Config, ConfigError
 from .errors import InvalidRequest
 from .handlers import admin, native, openai, usage
+from .handlers import anthropic as anthropic_handlers
 from .handlers.base import BaseHandler, NotFoundHandler
 from .handlers.responses import ResponsesHandler
 from .limits import Limiter, MemoryAdmission
@@ -248,6 +249,9 @@ def api_routes() -> list[tuple[str, type]]:
         (v1 + r"responses", ResponsesHandler),
         (v1 + r"models", openai.ModelsHandler),
         (v1 + r"models/(.+)", openai.ModelsHandler),
+        (v1 + r"messages", anthropic_handlers.MessagesHandler),  # Anthropic's Messages API (issue #14)
+        (v1 + r"messages/count_tokens", anthropic_handlers.CountTokensHandler),
+        (v1 + r"messages/.*", anthropic_handlers.MessagesNotFoundHandler),
         (v1 + r"usage", usage.UsageHandler),
         (v1 + r"limits", usage.LimitsHandler),
         (v1 + r"billing/invoices", usage.InvoiceHandler),

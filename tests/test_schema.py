@@ -202,7 +202,8 @@ def live(tmp_path_factory):
 
 def error_envelope(ctx, response, case) -> None:
     """Every non-2xx answer is exactly {"error": {"message", "type", "param", "code"}}; on Ollama's
-    native routes (/api/...) Ollama's {"error": "..."}."""
+    native routes (/api/...) Ollama's {"error": "..."}; Anthropic's {"type": "error", "error": {"type",
+    "message"}} on its routes."""
     if 200 <= response.status_code < 300:
         return
     try:
@@ -212,6 +213,11 @@ def error_envelope(ctx, response, case) -> None:
     if case.path.startswith("/api/"):
         assert isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], str), body
         assert body["error"] and _header(response, "Content-Type").startswith("application/json"), response.headers
+        return
+    if case.path.startswith("/v1/messages"):
+        assert isinstance(body, dict) and set(body) == {"type", "error"} and body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"], body
+        assert _header(response, "Content-Type").startswith("application/json"), response.headers
         return
     assert isinstance(body, dict) and set(body) == {"error"}, f"not an envelope: {body!r}"
     err = body["error"]
@@ -235,6 +241,13 @@ def stream_integrity(ctx, response, case) -> None:
         for event, data in blocks:
             doc = json.loads(data[len("data: "):])
             assert event == "event: " + doc["type"] and "error" not in doc, data
+        return
+    if case.path.startswith("/v1/messages"):  # Anthropic's: named events, the last one message_stop
+        blocks = text.strip().split("\n\n")
+        assert blocks and blocks[-1] == 'event: message_stop\ndata: {"type":"message_stop"}', text[-300:]
+        for block in blocks:
+            name, data = block.split("\n")
+            assert name != "event: error" and json.loads(data[len("data: "):])["type"] == name[len("event: "):]
         return
     events = [block[len("data: "):] for block in text.split("\n\n") if block.startswith("data: ")]
     assert events and events[-1] == "[DONE]", f"stream does not end with [DONE]: {text[-300:]!r}"

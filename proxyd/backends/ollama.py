@@ -39,6 +39,7 @@ class OllamaBackend:
         "api.show": "/api/show",
         "api.ps": "/api/ps",
         "api.version": "/api/version",
+        "messages": "/v1/messages",  # Anthropic's Messages API (Ollama v0.14.0+)
     }
 
     def __init__(self, upstream: Upstream, images: Any, upstream_name: str = "default") -> None:

@@ -17,6 +17,9 @@ class Endpoint(Protocol):
     reserves_completion: bool  # False: no output tokens to budget (embeddings)
     stream_content_type: str  # "text/event-stream" (SSE), "application/x-ndjson", ...
 
+    def rate_headers(self, checks: Any, amounts: Any, now: float, *, entered: bool, long_term: bool = True) -> dict:
+        """The limit headers of an answer or a refusal in the dialect's words (proxyd/limits_http.py)."""
+
     def credentials(self, headers: Any) -> str | None:
         """The API key as an ``Authorization`` value (``Bearer <key>``), from wherever the dialect sends
         it (OpenAI: Authorization; Anthropic: x-api-key)."""

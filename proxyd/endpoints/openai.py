@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import jsonio, validate
 from ..errors import ProxyError, UpstreamError, UpstreamUnavailable
+from ..limits_http import rate_headers
 from ..sse import DONE
 from ..upstream import without_addresses
 
@@ -29,6 +30,7 @@ class OpenAIEndpoint:
     chunk_object = ""  # the "object" of a stream event, e.g. "chat.completion.chunk"
     reserves_completion = True
     stream_content_type = "text/event-stream"
+    rate_headers = staticmethod(rate_headers)  # OpenAI's x-ratelimit-* (and proxyd's x-proxyd-limit-*)
 
     @staticmethod
     def credentials(headers: Any) -> str | None:

@@ -50,6 +50,10 @@ EXPOSED_HEADERS = ", ".join((
     "x-proxyd-limit", "x-proxyd-limit-model", "x-proxyd-limit-quota", "x-proxyd-limit-remaining",
     "x-proxyd-limit-reset",
     "x-proxyd-max-tokens", "x-proxyd-max-tokens-reason",
+    # Anthropic's (/v1/messages): the id its SDK reads, and its limit headers
+    "request-id",
+    *(f"anthropic-ratelimit-{m}-{f}" for m in ("requests", "tokens", "input-tokens", "output-tokens")
+      for f in ("limit", "remaining", "reset")),
 ))
 # A header name (RFC 9110 token), for Access-Control-Request-Headers; and a bound on what is echoed.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

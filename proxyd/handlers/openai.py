@@ -26,7 +26,7 @@ from tornado.iostream import StreamClosedError
 from .. import jsonio
 from ..endpoints.openai import ChatCompletions, Completions, Embeddings
 from ..errors import InvalidRequest, NotFound, ProxyError, UpstreamUnavailable
-from ..limits_http import rate_headers, refusal_error
+from ..limits_http import refusal_error
 from ..meter import Ticket
 from ..modelname import why_invalid
 from ..pipeline import ClientGone, MeteredCall
@@ -68,7 +68,7 @@ class ProxyHandler(BaseHandler):
             # released or aborted, the wait for headers is over), so the link goes here.
             self.call = None
         if refusal is not None:
-            raise refusal_error(refusal, self.ctx.meter.admission.clock())
+            raise refusal_error(refusal, self.ctx.meter.admission.clock(), self.endpoint.rate_headers)
 
     def on_connection_close(self) -> None:
         # The client went away: drop the upstream connection so Ollama stops generating.
@@ -98,8 +98,8 @@ class ProxyHandler(BaseHandler):
         # Go durations, limit names, ISO times, canonical model names: ASCII without CR/LF), and
         # set_header only converts and validates the value (5 Python calls per header, 1 this way).
         headers = self._headers
-        for name, value in rate_headers(hold.checks, (1, hold.tokens, hold.cost_nusd), hold.admitted_at,
-                                        entered=True).items():
+        for name, value in self.endpoint.rate_headers(hold.checks, (1, hold.tokens, hold.cost_nusd), hold.admitted_at,
+                                                      entered=True).items():
             headers[name] = value
         if capped_by is not None:
             # proxyd chose max_tokens (the client sent none): say so, or an answer ending with
