@@ -32,6 +32,7 @@ from typing import Any
 from .. import jsonio
 from ..errors import InvalidRequest, PayloadTooLarge, ProxyError, UpstreamError, UpstreamUnavailable
 from ..images import ImagePart
+from ..limits_http import rate_headers
 from ..modelname import canonical, why_invalid
 from ..upstream import without_addresses
 from ..validate import MAX_MODEL_CHARS, MAX_TOKENS_CAP, _go_keys
@@ -58,6 +59,9 @@ class NativeEndpoint:
     reserves_completion = True
     stream_content_type = "application/x-ndjson"
     fields: frozenset = frozenset()
+    # Ollama's API has no rate-limit headers of its own: the OpenAI-style x-ratelimit-* (and proxyd's
+    # x-proxyd-limit-*) are what a native client can read, and the same a chat client gets.
+    rate_headers = staticmethod(rate_headers)
 
     @staticmethod
     def credentials(headers: Any) -> str | None:
