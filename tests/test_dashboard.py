@@ -331,21 +331,73 @@ def test_disable_and_revoke_from_the_admin_view_lock_the_user_out(make_world, ta
         t.check_clean()
 
 
+def _row(user_id: str, model: str, at: float, n: int, *, voided: bool = False) -> tuple:
+    values = {"id": f"req_test{n:020d}", "user_id": user_id, "key_id": "key_test", "model": model,
+              "endpoint": "chat.completions", "stream": 0, "status": "voided" if voided else "settled",
+              "day": day_key(at), "created_at": iso_ms(at), "reserved_prompt": 5, "reserved_completion": 5,
+              "http_status": 502 if voided else 200, "finished_at": iso_ms(at), "latency_ms": 3 + n,
+              "prompt_tokens": None if voided else 5 + n, "completion_tokens": None if voided else 2,
+              "usage_source": None if voided else "reported", "input_price_nusd_per_mtok": 0 if voided else 1000,
+              "output_price_nusd_per_mtok": 0 if voided else 1000, "cost_nusd": None if voided else 7 + n,
+              "error": "upstream" if voided else None, "upstream": "default", "attempts": 1}
+    return tuple(values[c] for c in REQUEST_COLUMNS)
+
+
 def _record_settled(world, user_id: str, model: str) -> None:
     """A settled row whose model is whatever a client sent, recorded through the Ledger port as the meter
     records one: proxyd's own checks refuse such a name today, and the dashboard must not rely on them."""
-    now = world.clock()
-    values = {"id": "req_markup0000000000000000", "user_id": user_id, "key_id": "key_markup", "model": model,
-              "endpoint": "chat.completions", "stream": 0, "status": "settled", "day": day_key(now),
-              "created_at": iso_ms(now), "reserved_prompt": 5, "reserved_completion": 5, "http_status": 200,
-              "finished_at": iso_ms(now), "latency_ms": 3, "prompt_tokens": 5, "completion_tokens": 2,
-              "usage_source": "reported", "input_price_nusd_per_mtok": 0, "output_price_nusd_per_mtok": 0,
-              "cost_nusd": 0, "error": None, "upstream": "default", "attempts": 1}
 
     async def record():
-        await world.ctx.ledger.record_settled(tuple(values[c] for c in REQUEST_COLUMNS))
+        await world.ctx.ledger.record_settled(_row(user_id, model, world.clock(), 0))
 
     world.call(record())
+
+
+def test_the_ledger_reads_of_the_dashboard(make_world):
+    """The three Ledger port methods the dashboard added, on rows of two days and two users (what a second
+    Ledger implementation must answer the same way)."""
+    world = make_world()
+    ledger = world.ctx.ledger
+    now = world.clock()
+    d1, d2 = now - 86400, now
+    rows = [_row("a", "m1", d1, 1), _row("a", "m2", d1 + 1, 2), _row("b", "m1", d1 + 2, 3), _row("a", "m1", d1 + 3, 4),
+            _row("a", "m1", d2, 5), _row("a", "m2", d2 + 0.5, 6)]
+
+    async def record():
+        for r in rows:
+            await ledger.record_settled(r)
+        ledger.record_voided(_row("a", "m1", d2 + 0.25, 7, voided=True))
+
+    world.call(record())
+    world.settle_all()
+    day1, day2 = day_key(d1), day_key(d2)
+    got = world.call(ledger.usage_by_day_and_model(user_id="a", start=day1, end=day2))
+    assert [tuple(r) for r in got] == [(day1, "m1", 2, 6 + 9, 4, 8 + 11), (day1, "m2", 1, 7, 2, 9),
+                                       (day2, "m1", 1, 10, 2, 12), (day2, "m2", 1, 11, 2, 13)]
+    everyone = world.call(ledger.usage_by_day_and_model(user_id=None, start=day1, end=day1))
+    assert [tuple(r)[:3] for r in everyone] == [(day1, "m1", 3), (day1, "m2", 1)]
+    assert world.call(ledger.usage_by_day_and_model(user_id="a", start=day2, end=day2))[0].day == day2
+
+    # The newest request is the first row of the first page (here: the voided one, written last).
+    last = world.call(ledger.last_request_at(["a", "b", "nobody"]))
+    assert last == {"a": iso_ms(d2 + 0.25), "b": iso_ms(d1 + 2)}
+
+    pages, cursor = [], None
+    while True:
+        page, cursor = world.call(ledger.user_requests(user_id="a", limit=2, cursor=cursor))
+        pages.append([r.id for r in page])
+        if cursor is None:
+            break
+    # Newest day first; within a day, the order the rows were written, newest first.
+    assert pages == [["req_test00000000000000000007", "req_test00000000000000000006"],
+                     ["req_test00000000000000000005", "req_test00000000000000000004"],
+                     ["req_test00000000000000000002", "req_test00000000000000000001"]]
+    voided = world.call(ledger.user_requests(user_id="a", limit=1, cursor=None))[0][0]
+    assert (voided.status, voided.http_status, voided.cost_nusd, voided.prompt_tokens) == ("voided", 502, None, None)
+    assert world.call(ledger.user_requests(user_id="nobody", limit=5, cursor=None)) == ([], None)
+    for bad in ("", "x", "2026-01-01", "2026-01-01,", "2026-01-01,-1", "2026-01-01,1e3"):
+        with pytest.raises(ValueError):
+            world.call(ledger.user_requests(user_id="a", limit=2, cursor=bad))
 
 
 def test_markup_from_clients_renders_as_text(make_world, tabs):
@@ -474,8 +526,17 @@ def test_dashboard_api_errors_are_the_apis_own(make_world):
     for r, status, param in cases:
         assert r.status_code == status, (r.request.url, r.text)
         assert r.json()["error"].get("param") == param, (r.request.url, r.text)
-    r = world.admin("GET", "/admin/live")
-    assert r.json()["in_flight"] == 0 and set(r.json()["requests"]) == {"2xx", "4xx", "5xx"}
+    # The live counts: model routes only (the calls above, the dashboard's own, are not traffic).
+    live = world.admin("GET", "/admin/live").json()
+    assert (live["in_flight"], live["requests"], live["tokens"]) == (0, {"2xx": 0, "4xx": 0, "5xx": 0}, 0), live
+    client = world.client(key)
+    usage = client.chat.completions.create(model="llama3.2:1b", messages=[{"role": "user", "content": "Hi"}]).usage
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="llama3.2:1b", messages=[])
+    world.settle_all()
+    live = world.admin("GET", "/admin/live").json()
+    assert (live["requests"], live["tokens"]) == ({"2xx": 1, "4xx": 1, "5xx": 0}, usage.total_tokens), live
+    assert live["latency"]["count"] == 2 and live["latency"]["buckets"][-1] == [None, 2], live
     off = make_world(config={"metrics.enabled": False})
     r = off.admin("GET", "/admin/live")
     assert r.status_code == 404 and r.json()["error"]["code"] == "metrics_disabled"

@@ -18,7 +18,7 @@ from .. import reports
 from ..errors import InvalidRequest, NotFound
 from ..periods import month_key
 from ..pricing import usd_str
-from ..storage import DayModelRow, RequestListing
+from ..storage import RequestListing
 from .admin import AdminHandler
 from .base import _from_http_error
 from .openai import ProxyHandler
@@ -63,19 +63,11 @@ class DashboardFiles(tornado.web.StaticFileHandler):
         self.finish(err.body())
 
 
-def _day_model_rows(rows: list[DayModelRow]) -> dict[str, Any]:
-    data = [{"day": r.day, "model": r.model, **reports._usage_row({}, r.requests, r.prompt_tokens,
-                                                                  r.completion_tokens, r.cost_nusd)} for r in rows]
-    totals = reports._usage_row({}, *(sum(r[i] or 0 for r in rows) for i in range(2, 6)))
-    return {"data": data, "totals": totals}
-
-
 async def daily(handler, user_id: str | None) -> dict[str, Any]:
     ledger = handler.ctx.ledger
     start, end = day_range(handler, month_key(ledger.clock()) + "-01")
     rows = await ledger.usage_by_day_and_model(user_id=user_id, start=start, end=end)
-    return {"object": "usage.daily", "start": start, "end": end, **({"user_id": user_id} if user_id else {}),
-            **_day_model_rows(rows)}
+    return reports.daily_usage(rows, start=start, end=end, user_id=user_id)
 
 
 def _listing(r: RequestListing) -> dict[str, Any]:
@@ -142,13 +134,22 @@ class AdminOverviewHandler(AdminHandler):
         data = []
         for user in users:
             s = sums.get(user.user_id)
-            row = reports._usage_row({}, *(s[1:] if s else (0, 0, 0, 0)))
+            row = reports.amounts(*(s[1:] if s else (0, 0, 0, 0)))
             keys = self.ctx.accounts.keys_of(user.user_id)
             data.append({"user_id": user.user_id, "disabled": user.disabled, "created_at": user.created_at,
                          "last_request_at": last.get(user.user_id), "month_to_date": row,
                          "keys": [{"key_id": k.key_id, "prefix": k.prefix, "revoked_at": k.revoked_at}
                                   for k in keys]})
         self.send_json({"object": "list", "period": month, "data": data})
+
+
+def _subclass_names(cls: type) -> set[str]:
+    names, todo = set(), [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            names.add(sub.__name__)
+            todo.append(sub)
+    return names
 
 
 class AdminLiveHandler(AdminHandler):
@@ -159,9 +160,7 @@ class AdminLiveHandler(AdminHandler):
         metrics = self.ctx.metrics
         if metrics is None:
             raise NotFound("Metrics are disabled (metrics.enabled: false): no live figures.", code="metrics_disabled")
-        from ..server import api_routes  # here: proxyd.server imports this module
-
-        # The model routes (ProxyHandler's): what the tiles call traffic.
-        routes = {h.__name__ for _, h in api_routes() if isinstance(h, type) and issubclass(h, ProxyHandler)}
+        # The model routes (every ProxyHandler, whatever its dialect): what the tiles call traffic.
+        routes = _subclass_names(ProxyHandler)
         self.send_json({"object": "live", "time": self.ctx.ledger.clock(), "in_flight": self.ctx.meter.limiter.pending,
                         **metrics.live(routes)})

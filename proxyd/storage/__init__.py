@@ -202,8 +202,8 @@ class Ledger(Protocol):
         (day, model) order: ``SELECT day, model, SUM(...) FROM usage_daily WHERE day BETWEEN .. GROUP BY 1, 2``."""
 
     async def last_request_at(self, user_ids: list[str]) -> dict[str, str]:
-        """user id -> ``created_at`` of the user's newest request row (any status); users with none are
-        absent. One index probe per user (newest day first), never a scan of the rows."""
+        """user id -> ``created_at`` of the user's newest request row (any status): the row ``user_requests``
+        lists first. Users with none are absent. One index probe per user, never a scan of the rows."""
 
     async def user_requests(self, *, user_id: str, limit: int,
                             cursor: str | None) -> tuple[list[RequestListing], str | None]:
