@@ -473,6 +473,30 @@ def test_keyboard_alone_reaches_sign_in_and_narrow_screens_do_not_scroll_sideway
     wide.check_clean()
 
 
+def test_live_tiles_show_the_traffic_of_the_last_interval(make_world, tabs):
+    world = make_world()
+    key = world.new_user("ivan")
+    admin = tabs(world)
+    admin.open("/dashboard/admin")
+    admin.sign_in(ADMIN_TOKEN)
+    admin.page.wait_for_selector("[data-tile=rps]", timeout=10000)  # two snapshots: rates from here on
+    assert tile(admin, "errors") == "—" and tile(admin, "rps") == "0.00"  # no traffic yet
+    client = world.client(key)
+    tokens = sum(client.chat.completions.create(model="llama3.2:1b", messages=[{"role": "user", "content": "Hi"}])
+                 .usage.total_tokens for _ in range(4))
+    # The first interval that saw any of the requests: success only, so a 0.0% error rate, tokens per second,
+    # and latency quantiles within the histogram's buckets.
+    admin.page.wait_for_function("() => document.querySelector('[data-tile=errors] .v').textContent !== '—'",
+                                 timeout=10000)
+    assert tile(admin, "errors") == "0.0%"
+    assert float(tile(admin, "rps")) > 0 and 0 < float(tile(admin, "tps")) <= tokens
+    for q in ("p50", "p99"):
+        assert tile(admin, q).endswith(" ms") and float(tile(admin, q)[:-3]) >= 0, tile(admin, q)
+    assert tile(admin, "inflight") == "0"
+    admin.shot("live-tiles")
+    admin.check_clean()
+
+
 def test_admin_view_is_useless_without_the_token(make_world, tabs):
     world = make_world()
     world.new_user("frank")

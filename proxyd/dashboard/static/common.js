@@ -110,7 +110,8 @@ const PD = (() => {
   function table(node, columns, rows, empty) {
     const head = el("thead", {}, el("tr", {}, columns.map(([h, , cls]) => el("th", { class: cls, scope: "col" }, h))));
     const body = el("tbody", {}, rows.length ? rows.map((r) => el("tr", { class: r._class },
-      columns.map(([, f, cls]) => el("td", { class: cls }, f(r))))) : el("tr", {}, el("td", { colspan: columns.length }, empty || "None.")));
+      columns.map(([h, f, cls]) => el("td", { class: cls, "data-label": h }, f(r))))) : el("tr", {}, el("td", { colspan: columns.length }, empty || "None.")));
+    node.classList.add("stack");  // on a narrow screen each row becomes a block of "header: value" lines
     node.replaceChildren(head, body);
   }
 
