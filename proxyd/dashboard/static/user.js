@@ -57,7 +57,7 @@
         const pct = (v) => (total > 0 ? Math.min(100, (100 * v) / total) : (exhausted ? 100 : 0)) + "%";
         bar.children[0].style.width = pct(used);
         bar.children[1].style.width = pct(Math.min(reserved, Math.max(0, total - used)));
-        const reset = el("span", { class: "reset", "data-reset": l.resets_at || "" });
+        const reset = el("span", { class: "reset", "data-reset": l.resets_at || "", "data-kind": l.name });
         return el("div", { class: "limit" + (exhausted ? " exhausted" : ""), "data-limit": l.name, "data-model": l.model || "" },
           el("div", { class: "limit-head" },
             el("span", { class: "name" }, limitLabel(l)),
@@ -71,7 +71,9 @@
   function tick(now) {
     for (const node of document.querySelectorAll("[data-reset]")) {
       const at = node.getAttribute("data-reset");
-      node.textContent = at ? `resets in ${PD.duration(Date.parse(at) - now)} (${time(at)})` : "never resets";
+      const kind = node.getAttribute("data-kind");
+      node.textContent = at ? `resets in ${PD.duration(Date.parse(at) - now)} (${time(at)})`
+        : kind === "max_concurrent_requests" ? "requests running at once" : "never resets";
     }
   }
 
@@ -115,6 +117,10 @@
     $("newer").addEventListener("click", () => { page = Math.max(0, page - 1); loadRequests().catch(PD.fail); });
     $("csv").addEventListener("click", exportCsv);
     setInterval(() => tick(Date.now()), 1000);
+    // The limits move with every request (reservations while one runs): re-read them every 15 s.
+    setInterval(() => {
+      if (key) api(key, "GET", "/v1/limits").then((r) => { limits = r.limits; drawLimits(); }).catch(PD.fail);
+    }, 15000);
     PD.signIn({
       storeKey: "proxyd.user_key",
       check: (token) => api(token, "GET", "/v1/limits"),
