@@ -55,7 +55,8 @@ class Tab:
     """A page in a fresh browser context (its own sessionStorage), recording what must not happen."""
 
     def __init__(self, browser, base: str, shots: Path, viewport=WIDE) -> None:
-        self.context = browser.new_context(viewport=viewport)
+        # Clipboard access as a user who allowed it (the admin view's copy button).
+        self.context = browser.new_context(viewport=viewport, permissions=["clipboard-read", "clipboard-write"])
         self.page = self.context.new_page()
         self.base = base
         self.shots = shots
@@ -243,6 +244,9 @@ def test_admin_creates_a_user_lowers_a_limit_and_the_user_sees_it_exhausted(make
     admin.page.wait_for_selector("#newkey:not([hidden])")
     key = admin.text("#newkey-value")
     assert key.startswith("sk-proxyd-") and admin.text("#newkey-user") == "bob"
+    admin.page.click("#newkey-copy")
+    admin.page.wait_for_selector("#newkey-copy:text('Copied')")
+    assert admin.page.evaluate("() => navigator.clipboard.readText()") == key
     admin.page.click("#newkey-done")
     assert admin.text("#newkey-value") == ""  # shown once: gone from the page
     admin.page.wait_for_selector("[data-limits=bob]")
@@ -327,6 +331,15 @@ def test_disable_and_revoke_from_the_admin_view_lock_the_user_out(make_world, ta
     assert "Incorrect API key provided" in fresh.text("#signin-error")
     assert not fresh.page.is_visible("#app")
     fresh.shot("revoked-key")
+
+    # Another key from the admin view: shown once, and it signs in where the revoked one cannot.
+    admin.page.click("[data-addkey=carol]")
+    admin.page.wait_for_selector("#newkey:not([hidden])")
+    new_key = admin.text("#newkey-value")
+    assert new_key != key and admin.text("#newkey-user") == "carol"
+    fresh.sign_in(new_key)
+    fresh.page.wait_for_selector("#app:not([hidden]) #requests td")
+    assert fresh.text("#who") == "carol" and fresh.text("#signin-error") == ""
     for t in (user, admin, fresh):
         t.check_clean()
 
