@@ -75,6 +75,38 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def live(self, routes: set[str]) -> dict[str, Any]:
+        """The cumulative counts the dashboard's live tiles are computed from (issue #17): the requests
+        answered on ``routes`` (the model routes: the dashboard's own polling is not traffic) by status
+        class, their latency histogram, and the tokens settled. Totals only: the page takes the difference
+        of two snapshots, so the proxy keeps no state per viewer and any number of viewers agree."""
+        by_class = {"2xx": 0, "4xx": 0, "5xx": 0}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["route"] in routes:
+                    cls = sample.labels["status"][0] + "xx"
+                    by_class[cls if cls in by_class else "5xx"] += int(sample.value)
+        buckets: dict[float, float] = {}
+        count = total_s = 0.0
+        for family in self.latency.collect():
+            for sample in family.samples:
+                if sample.labels.get("route") not in routes:
+                    continue
+                if sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0) + sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+                elif sample.name.endswith("_sum"):
+                    total_s += sample.value
+        tokens = 0
+        for family in self.tokens.collect():
+            tokens += sum(int(s.value) for s in family.samples if s.name.endswith("_total"))
+        return {"requests": by_class, "latency": {"count": int(count), "sum_s": total_s,
+                                                   "buckets": [[le if le != float("inf") else None, int(n)]
+                                                               for le, n in sorted(buckets.items())]},
+                "tokens": tokens}
+
 
 class _LedgerCommits:
     """Group commits and the writes they carried: writes per commit is the batching the ledger gets."""

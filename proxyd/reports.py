@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from .periods import month_key
 from .pricing import usd_str
-from .storage import InvoiceLine, UsageRow
+from .storage import DayModelRow, InvoiceLine, UsageRow
 
 
 def usage(rows: Iterable[UsageRow], *, start: str, end: str, group_by: str) -> dict[str, Any]:
@@ -63,3 +63,17 @@ def invoices(lines: Iterable[InvoiceLine], *, period: str, user_id: str | None, 
         inv["total_usd"] = usd_str(inv.pop("_total"))
         out.append(inv)
     return out
+
+
+def amounts(requests: int, prompt: int, completion: int, cost: int) -> dict[str, Any]:
+    """Requests, tokens and cost as every usage report shows them."""
+    return _usage_row({}, requests, prompt, completion, cost)
+
+
+def daily_usage(rows: Iterable[DayModelRow], *, start: str, end: str, user_id: str | None) -> dict[str, Any]:
+    """Usage per UTC day and model (the dashboard's chart and CSV) and the totals."""
+    rows = list(rows)
+    data = [{"day": r.day, "model": r.model, **_usage_row({}, *r[2:])} for r in rows]
+    totals = _usage_row({}, *(sum(r[i] or 0 for r in rows) for i in range(2, 6)))
+    return {"object": "usage.daily", "start": start, "end": end, **({"user_id": user_id} if user_id else {}),
+            "data": data, "totals": totals}

@@ -20,7 +20,7 @@ from .backends import Router
 from .backends.ollama import OllamaBackend
 from .config import Config, ConfigError
 from .errors import InvalidRequest
-from .handlers import admin, native, openai, usage
+from .handlers import admin, dashboard, native, openai, usage
 from .handlers import anthropic as anthropic_handlers
 from .handlers.base import BaseHandler, NotFoundHandler
 from .handlers.responses import ResponsesHandler
@@ -255,6 +255,8 @@ def api_routes() -> list[tuple[str, type]]:
         (v1 + r"usage", usage.UsageHandler),
         (v1 + r"limits", usage.LimitsHandler),
         (v1 + r"billing/invoices", usage.InvoiceHandler),
+        (v1 + r"usage/daily", dashboard.UserDailyHandler),
+        (v1 + r"requests", dashboard.UserRequestsHandler),
         (r"/healthz", HealthHandler),
         (r"/metrics", MetricsHandler),
         (r"/openapi.yaml", OpenAPIHandler),
@@ -273,11 +275,20 @@ def admin_routes() -> list[tuple[str, type]]:
         (r"/admin/usage", admin.AllUsageHandler),
         (r"/admin/invoices", admin.InvoicesHandler),
         (r"/admin/ledger/check", admin.ConsistencyHandler),
+        (r"/admin/usage/daily", dashboard.AdminDailyHandler),
+        (r"/admin/users/([^/]+)/requests", dashboard.AdminUserRequestsHandler),
+        (r"/admin/overview", dashboard.AdminOverviewHandler),
+        (r"/admin/live", dashboard.AdminLiveHandler),
     ]
 
 
+def dashboard_routes() -> list[tuple[str, type]]:
+    """The dashboard's pages and assets (issue #17), on every port that serves an API."""
+    return [(r"/dashboard/?()", dashboard.DashboardFiles), (r"/dashboard/(.+)", dashboard.DashboardFiles)]
+
+
 def make_app(ctx: Context, *, api: bool = True, admin_api: bool = True) -> tornado.web.Application:
-    routes = (api_routes() if api else []) + (admin_routes() if admin_api else [])
+    routes = (api_routes() if api else []) + (admin_routes() if admin_api else []) + dashboard_routes()
     return tornado.web.Application(
         [(pattern, handler, {"ctx": ctx}) for pattern, handler in routes],
         default_handler_class=NotFoundHandler,

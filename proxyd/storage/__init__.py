@@ -91,6 +91,33 @@ class InvoiceLine(NamedTuple):
     cost_nusd: int
 
 
+class DayModelRow(NamedTuple):
+    """Settled sums of one UTC day and model (the dashboard's chart and CSV; all users' when not filtered)."""
+
+    day: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nusd: int
+
+
+class RequestListing(NamedTuple):
+    """One request row as the dashboard lists it (newest first). ``cost_nusd`` and the tokens are None
+    for a request that was not settled."""
+
+    id: str
+    created_at: str
+    model: str
+    endpoint: str
+    status: str
+    http_status: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_nusd: int | None
+    latency_ms: int | None
+
+
 @dataclass
 class UserRecord:
     user_id: str
@@ -167,6 +194,24 @@ class Ledger(Protocol):
 
     async def invoice_lines(self, *, period: str, user_id: str | None) -> list[InvoiceLine]:
         """A month's (YYYY-MM) settled usage per user, model and price, in that order."""
+
+    # -- the dashboard (issue #17): plain reads, the first two of the aggregates, the last two through the
+    # requests' (user_id, day) index. ------------------------------------------------------------------
+    async def usage_by_day_and_model(self, *, user_id: str | None, start: str, end: str) -> list[DayModelRow]:
+        """Settled sums over the UTC days [start, end] per day and model (of one user, or of everyone), in
+        (day, model) order: ``SELECT day, model, SUM(...) FROM usage_daily WHERE day BETWEEN .. GROUP BY 1, 2``."""
+
+    async def last_request_at(self, user_ids: list[str]) -> dict[str, str]:
+        """user id -> ``created_at`` of the user's newest request row (any status): the row ``user_requests``
+        lists first. Users with none are absent. One index probe per user, never a scan of the rows."""
+
+    async def user_requests(self, *, user_id: str, limit: int,
+                            cursor: str | None) -> tuple[list[RequestListing], str | None]:
+        """A page of the user's request rows, newest first (by day, then newest within the day), any
+        status; and the cursor of the next page (None after the last). Keyset pagination: ``cursor`` is an
+        opaque string this implementation made (SQLite: "day,rowid"; another may use "day,id"), never an
+        OFFSET, so a page deep in a 3M-row ledger costs what the first does. A cursor it cannot read raises
+        ValueError."""
 
     async def check(self, *, start: str | None = None, end: str | None = None) -> dict[str, Any]:
         """Do the daily aggregates equal the sums of the settled rows (over [start, end], or everything)?

@@ -18,10 +18,12 @@ from urllib.parse import quote
 
 from . import (
     REQUEST_COLUMNS,
+    DayModelRow,
     InvoiceLine,
     KeyRow,
     PeriodUsage,
     RecentRequest,
+    RequestListing,
     RequestRow,
     StorageError,
     Sums,
@@ -133,6 +135,17 @@ class SQLiteStorage(Store):
 
     async def invoice_lines(self, *, period: str, user_id: str | None) -> list[InvoiceLine]:
         return await self.read(lambda c: invoice_lines(c, period=period, user_id=user_id))
+
+    async def usage_by_day_and_model(self, *, user_id: str | None, start: str, end: str) -> list[DayModelRow]:
+        return await self.read(lambda c: day_model_rows(c, user_id=user_id, start=start, end=end))
+
+    async def last_request_at(self, user_ids: list[str]) -> dict[str, str]:
+        return await self.read(lambda c: last_request_at(c, user_ids))
+
+    async def user_requests(self, *, user_id: str, limit: int,
+                            cursor: str | None) -> tuple[list[RequestListing], str | None]:
+        after = _parse_cursor(cursor)  # before the thread hop: a bad cursor is the caller's error
+        return await self.read(lambda c: user_requests(c, user_id=user_id, limit=limit, after=after))
 
     async def check(self, *, start: str | None = None, end: str | None = None) -> dict[str, Any]:
         return await self.scan(lambda c: consistency(c, start=start, end=end))
@@ -273,6 +286,58 @@ def invoice_lines(conn: sqlite3.Connection, *, period: str, user_id: str | None)
         params,
     ).fetchall()
     return [InvoiceLine(*r) for r in rows]
+
+
+def day_model_rows(conn: sqlite3.Connection, *, user_id: str | None, start: str, end: str) -> list[DayModelRow]:
+    """Sums per UTC day and model over [start, end], from the aggregates (the ``day`` index)."""
+    where, params = "day >= ? AND day <= ?", [start, end]
+    if user_id is not None:
+        where += " AND user_id = ?"
+        params.append(user_id)
+    rows = conn.execute(
+        "SELECT day, model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_nusd)"
+        f" FROM usage_daily WHERE {where} GROUP BY day, model ORDER BY day, model", params).fetchall()
+    return [DayModelRow(*r) for r in rows]
+
+
+def last_request_at(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, str]:
+    """Each user's newest row: the (user_id, day) index read backwards from its end, one row per user.
+    Within a day the index is in rowid order, the order rows were inserted (at admission for a pending
+    row, else at the end): the last one is the newest request to within its duration."""
+    out = {}
+    for user_id in user_ids:
+        row = conn.execute("SELECT created_at FROM requests WHERE user_id = ? ORDER BY day DESC, rowid DESC LIMIT 1",
+                           (user_id,)).fetchone()
+        if row is not None:
+            out[user_id] = row[0]
+    return out
+
+
+def _parse_cursor(cursor: str | None) -> tuple[str, int] | None:
+    if cursor is None:
+        return None
+    day, _, rowid = cursor.partition(",")
+    if len(day) != 10 or not rowid.isdigit() or len(rowid) > 19:
+        raise ValueError("not a cursor of this ledger")
+    return day, int(rowid)
+
+
+def user_requests(conn: sqlite3.Connection, *, user_id: str, limit: int,
+                  after: tuple[str, int] | None) -> tuple[list[RequestListing], str | None]:
+    """A page of the user's rows, newest first, through the (user_id, day) index (which holds the rowid):
+    the keyset ``(day, rowid) < cursor`` starts where the last page ended, without counting the rows
+    before it as OFFSET would."""
+    cols = ("SELECT day, rowid, id, created_at, model, endpoint, status, http_status, prompt_tokens,"
+            " completion_tokens, cost_nusd, latency_ms FROM requests WHERE user_id = ?")
+    params: list[Any] = [user_id]
+    if after is not None:
+        cols += " AND (day, rowid) < (?, ?)"  # a row value: an index range, where an OR would be a filter
+        params += [after[0], after[1]]
+    rows = conn.execute(cols + " ORDER BY day DESC, rowid DESC LIMIT ?", [*params, limit + 1]).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = f"{rows[-1][0]},{rows[-1][1]}" if more else None
+    return [RequestListing(*r[2:]) for r in rows], cursor
 
 
 def consistency(conn: sqlite3.Connection, *, start: str | None = None, end: str | None = None) -> dict[str, Any]:
