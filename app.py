@@ -138,6 +138,7 @@ async def serve(config, *, demo: bool = False) -> int:
              config["server.address"], config["server.port"], config["upstream.url"], config["database.path"])
     if not config["admin.token"]:
         log.warning("no admin token set (PROXYD_ADMIN_TOKEN or admin.token): the admin API answers 401 to everyone")
+    await ctx.router.start()  # model lists (several upstreams), then the health probes in the background
     ok, detail = await ctx.upstream.health()
     if ok:
         log.info("upstream %s is answering", config["upstream.url"])
@@ -191,7 +192,7 @@ async def serve(config, *, demo: bool = False) -> int:
 
 async def _close(ctx, emulator_server) -> None:
     """Closes what serve() opened: at the end, and after a start that failed to bind its port."""
-    await ctx.upstream.close()
+    await ctx.router.close()  # every upstream's pool, the probes
     await ctx.images.close()
     await ctx.ledger.close()
     ctx.tokens.close()

@@ -16,7 +16,9 @@ from .handlers import (
     ModelHandler,
     ModelsHandler,
     NotFoundHandler,
+    PsHandler,
     RootHandler,
+    TagsHandler,
     VersionHandler,
 )
 from .state import EmulatorOptions, EmulatorState
@@ -39,6 +41,8 @@ def make_app(state: EmulatorState) -> tornado.web.Application:
         [
             (r"/", RootHandler, args),
             (r"/api/version", VersionHandler, args),
+            (r"/api/tags", TagsHandler, args),
+            (r"/api/ps", PsHandler, args),
             (r"/v1/chat/completions", ChatHandler, args),
             (r"/v1/completions", CompletionsHandler, args),
             (r"/v1/embeddings", EmbeddingsHandler, args),
