@@ -138,7 +138,9 @@ def test_failover_across_refusing_503_and_healthy(make_proxy, emulators):
                        config={"pricing": {"default": {"input_per_million_usd": 1, "output_per_million_usd": 2}},
                                # long enough that the cool-down does not end mid-test: every request of the
                                # first ones fails over, later ones go straight to the healthy upstream
-                               "upstream.cooldown_s": 60.0})
+                               "upstream.cooldown_s": 60.0,
+                               # and probes left out of it: the requests themselves find both bad upstreams
+                               "upstream.probe_interval_s": 60.0})
     key = world.new_user("alice")
     client = world.async_client(key)
 
@@ -163,6 +165,7 @@ def test_failover_across_refusing_503_and_healthy(make_proxy, emulators):
     state = upstream_state(world)
     print("attempts per request:", dict(attempts), {n: (u["state"], u["requests"], u["errors"]) for n, u in state.items()})
     assert state["refusing"]["state"] == "down" and state["busy"]["state"] == "down"
+    assert state["refusing"]["errors"] >= 2 and state["busy"]["errors"] >= 3  # requests failed over from both
     assert state["healthy"]["state"] == "up" and state["healthy"]["errors"] == 0
     usage = world.admin("GET", "/admin/usage?group_by=upstream").json()
     assert [(r["upstream"], r["requests"]) for r in usage["data"]] == [("healthy", 200)], usage
@@ -564,3 +567,84 @@ def test_llama_cpp_server_beside_emulators(make_proxy, emulators):
         proc.terminate()
         proc.wait(20)
 
+
+
+# -- the router and the health state machine, without a network ----------------------------------------------
+
+
+class StubBackend:
+    name = "ollama"
+
+    def __init__(self, name: str) -> None:
+        self.upstream_name = name
+
+    @staticmethod
+    def model_key(name: str) -> str:
+        return name
+
+
+def router_of(*specs: dict, **kw):
+    from proxyd.backends import Router
+
+    backends = [StubBackend(s["name"]) for s in specs]
+    full = [{"kind": "ollama", "url": "", "models": [MODEL], **s} for s in specs]
+    return Router(backends, full, legacy=False, **kw), backends
+
+
+def test_health_state_machine():
+    from proxyd.backends.health import DOWN, TRIAL, UP, UpstreamState
+
+    s = UpstreamState({"name": "a", "kind": "ollama", "url": ""})
+    s.failed(100.0, 3, 5.0)
+    s.failed(100.1, 3, 5.0)
+    s.succeeded(100.2)  # a success in between: the count starts again
+    s.failed(100.3, 3, 5.0)
+    s.failed(100.4, 3, 5.0)
+    assert s.state is UP and s.available(100.4)
+    s.failed(100.5, 3, 5.0)
+    assert s.state is DOWN and not s.available(105.4)
+    s.succeeded(101.0)  # a request sent before the ejection: the cool-down stands
+    assert s.state is DOWN
+    assert s.available(105.6) and s.state is TRIAL  # one trial after the cool-down
+    s.trial_busy = True
+    assert not s.available(105.7)  # only one
+    s.failed(106.0, 3, 5.0)  # the trial failed: out again at once
+    assert s.state is DOWN and s.until == 111.0
+    assert s.available(111.0)
+    s.succeeded(111.1)
+    assert s.state is UP and s.failures == 0
+
+
+def test_acquire_least_in_flight_weight_and_failover_order():
+    router, (a, b, c) = router_of({"name": "a"}, {"name": "b", "weight": 2.0}, {"name": "c", "max_in_flight": 1})
+    held = [router.acquire(MODEL, None) for _ in range(7)]
+    # b has twice the weight: it holds twice as many; c never more than its max_in_flight
+    assert Counter(x.upstream_name for x in held) == {"a": 2, "b": 4, "c": 1}
+    assert router.acquire(MODEL, [a, b]) is None  # c is full and the others were tried
+    for x in held:
+        router.release(x, False)
+    assert (a.state.in_flight, b.state.in_flight, c.state.in_flight) == (0, 0, 0)
+    first = router.acquire(MODEL, None)
+    second = router.acquire(MODEL, [first])
+    assert second is not first
+    from proxyd.errors import ServiceUnavailable
+
+    only, (x,) = router_of({"name": "x", "max_in_flight": 1})
+    only.acquire(MODEL, None)
+    with pytest.raises(ServiceUnavailable):
+        only.acquire(MODEL, None)
+
+
+def test_release_verdicts_eject_and_ties_are_random():
+    router, (a, b) = router_of({"name": "a"}, {"name": "b"}, failures_to_eject=2, cooldown_s=60.0)
+    seen = Counter()
+    for _ in range(200):  # both idle: either, at random
+        x = router.acquire(MODEL, None)
+        seen[x.upstream_name] += 1
+        router.release(x, False)
+    assert seen["a"] > 40 and seen["b"] > 40, seen
+    for _ in range(2):
+        router.release(router.acquire(MODEL, [b]), True, None, "HTTP 503")
+    assert a.state.state == "down" and a.state.errors == 2
+    assert {router.acquire(MODEL, None).upstream_name for _ in range(5)} == {"b"}  # a is out
+    assert router.pick("unknown-model") is None  # no list has it: pick_fresh refreshes, then 404
