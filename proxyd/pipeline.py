@@ -106,7 +106,7 @@ class MeteredCall:
         self.body = body
         self.our_id = (endpoint.id_prefix + self.request_id[4:]).encode()
         # Who serves the model (a 404 before any reservation if no upstream does); forward chooses which.
-        self.backend = ctx.router.pick(model) or await ctx.router.pick_fresh(model)
+        self.backend = ctx.router.pick(model) or await ctx.router.pick_fresh(model, body["model"])
         prompt_tokens = await endpoint.estimate(body, model, self)
         budget, capped_by = self.completion_budget(model, prompt_tokens, requested)
         sink.log_fields.update(model=model, stream=stream)  # before reserving: refusals are logged per model too
@@ -190,7 +190,7 @@ class MeteredCall:
         (refused, reset, or 429/502/503/504 before the first byte) the next upstream serving the model,
         up to upstream.max_attempts. The ticket says where it went and after how many attempts."""
         sink, router, operation = self.sink, self.ctx.router, self.endpoint.operation
-        backend = router.acquire(ticket.model, None)
+        backend = router.acquire(ticket.model, None, operation)
         tried = [backend]
         while True:
             self.backend = self.held = backend
@@ -247,7 +247,7 @@ class MeteredCall:
         router = self.ctx.router
         if ticket.attempts >= router.max_attempts:
             return None
-        backend = router.acquire(ticket.model, tried)
+        backend = router.acquire(ticket.model, tried, self.endpoint.operation)
         if backend is None:
             return None
         failed, self.held = self.held, None

@@ -574,6 +574,7 @@ def test_llama_cpp_server_beside_emulators(make_proxy, emulators):
 
 class StubBackend:
     name = "ollama"
+    paths = {"chat": "/v1/chat/completions"}
 
     def __init__(self, name: str) -> None:
         self.upstream_name = name

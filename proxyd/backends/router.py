@@ -21,7 +21,7 @@ import random
 import time
 from typing import Any
 
-from ..errors import NotFound, ServiceUnavailable
+from ..errors import InvalidRequest, NotFound, ServiceUnavailable
 from .health import DOWN, UP, UpstreamState
 
 log = logging.getLogger("proxyd.upstreams")
@@ -61,13 +61,13 @@ class Router:
         candidates = self._serving.get(model) or self._candidates(model)
         return candidates[0] if candidates else None
 
-    async def pick_fresh(self, model: str) -> Any:
+    async def pick_fresh(self, model: str, asked: str) -> Any:
         """The miss path: no list has the model. One refresh (shared, at most one a second), then 404."""
         if time.monotonic() - self._models_at > 1.0:
             await self.refresh_models()
         candidates = self._candidates(model)
         if not candidates:
-            raise NotFound(f"The model `{model}` does not exist or you do not have access to it.",
+            raise NotFound(f"The model `{asked}` does not exist or you do not have access to it.",
                            code="model_not_found", param="model")
         return candidates[0]
 
@@ -79,7 +79,7 @@ class Router:
                 return raw
         return None
 
-    def acquire(self, model: str, tried: list[Any] | None) -> Any:
+    def acquire(self, model: str, tried: list[Any] | None, operation: str = "chat") -> Any:
         single = self.single
         if single is not None:
             if tried:
@@ -93,8 +93,8 @@ class Router:
         ties = 0
         full = False
         for backend in self._serving.get(model) or self._candidates(model):
-            if tried and backend in tried:
-                continue
+            if tried and backend in tried or operation not in backend.paths:
+                continue  # tried already, or another kind of API (Ollama's native /api on an openai-kind one)
             s = backend.state
             if s.max_in_flight is not None and s.in_flight >= s.max_in_flight:
                 full = True
@@ -115,10 +115,13 @@ class Router:
             # Every untried candidate is cooling down: the one back soonest rather than an error unheard.
             best = fallback
             if best is None:
-                if full and not tried:
+                if tried:
+                    return None
+                if full:
                     raise ServiceUnavailable("Every upstream serving this model is at its max_in_flight; retry shortly.",
                                              code="upstreams_busy", headers={"Retry-After": "1"})
-                return None
+                raise InvalidRequest(f"No upstream serving {model} takes this API.", param="model",
+                                     code="unsupported_api")
         s = best.state
         s.in_flight += 1
         s.requests += 1
