@@ -240,8 +240,8 @@ class HealthHandler(BaseHandler):
         all_up = all(r[0] for r in results) and all(b.state.state == "up" for b in router.backends)
         body: dict[str, Any] = {"status": "ok" if ok and all_up else "degraded", "upstream": upstream}
         if admin:
-            first_ok, first_detail = results[0]
-            upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=first_detail)
+            # ``upstream`` is the first one (the only one without ``upstreams``), as before; the list has them all.
+            upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=results[0][1])
             body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
                         ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings(),
                         upstreams=[{**b.state.as_json(), "url": b.upstream.base_url, "reachable": r[0], "detail": r[1]}
