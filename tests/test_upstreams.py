@@ -374,8 +374,9 @@ class FakeRouter:
 
     COST = 0.000123457  # USD, as OpenRouter reports it (a JSON number)
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 200) -> None:
         self.seen: list[dict] = []
+        self.status = status  # 429: a provider rate-limiting proxyd
 
     def app(self) -> tornado.web.Application:
         fake = self
@@ -388,6 +389,10 @@ class FakeRouter:
         class Chat(tornado.web.RequestHandler):
             def post(self):
                 fake.seen.append(dict(self.request.headers))
+                if fake.status != 200:
+                    self.set_status(fake.status)
+                    self.finish({"error": {"message": "Rate limit exceeded", "type": "rate_limit_error"}})
+                    return
                 body = json.loads(self.request.body)
                 usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "cost": fake.COST}
                 if body.get("stream"):
@@ -459,6 +464,35 @@ def test_prices_per_upstream_and_reported_cost(make_proxy, emulators):
     mine = world.get("/v1/usage", key, group_by="model").json()  # users see model, tokens and cost
     assert mine["data"] and all("cost_usd" in r and "upstream" not in r for r in mine["data"]), mine
     world.loop.call_soon_threadsafe(started["server"].stop)
+
+
+def serve_fake(h: Harness, fake: FakeRouter) -> str:
+    async def serve():
+        sockets = bind_sockets(0, "127.0.0.1")
+        HTTPServer(fake.app()).add_sockets(sockets)
+        return sockets[0].getsockname()[1]
+
+    return f"http://127.0.0.1:{h.call(serve())}/api/v1"
+
+
+def test_429_fails_over_without_counting_against_health(make_proxy):
+    """A provider's 429 before the first byte goes to the next upstream serving the model; the limited
+    one stays in routing (it is well, only busy)."""
+    limited, fine = FakeRouter(429), FakeRouter()
+
+    def before(h: Harness) -> None:
+        for name, fake in (("limited", limited), ("fine", fine)):
+            h.config_overrides["upstreams"].append({"name": name, "kind": "openai", "url": serve_fake(h, fake)})
+
+    world = make_proxy([], before=before, config={"upstream.failures_to_eject": 1})
+    client = world.client(world.new_user("alice"))
+    for _ in range(20):
+        assert client.chat.completions.create(model="acme/chat-1", messages=MSG).choices[0].message.content
+    world.settle_all()
+    rows = world.rows("SELECT upstream, attempts FROM requests")
+    assert {r[0] for r in rows} == {"fine"} and {r[1] for r in rows} == {1, 2}, rows
+    state = upstream_state(world)
+    assert state["limited"]["state"] == "up" and state["limited"]["errors"] == 0 and state["limited"]["requests"] > 0
 
 
 def test_reservation_takes_the_highest_upstream_price(make_proxy, emulators):
