@@ -134,17 +134,24 @@ async def serve(config, *, demo: bool = False) -> int:
     if separate_admin:
         log.info("admin API on http://%s:%d", config["admin.address"] or "127.0.0.1", config["admin.port"])
 
-    log.info("proxyd listening on http://%s:%d, upstream %s, ledger %s",
-             config["server.address"], config["server.port"], config["upstream.url"], config["database.path"])
+    log.info("proxyd listening on http://%s:%d, upstream %s, ledger %s", config["server.address"], config["server.port"],
+             ", ".join(u["name"] for u in config["upstreams"]) or config["upstream.url"], config["database.path"])
     if not config["admin.token"]:
         log.warning("no admin token set (PROXYD_ADMIN_TOKEN or admin.token): the admin API answers 401 to everyone")
-    ok, detail = await ctx.upstream.health()
-    if ok:
-        log.info("upstream %s is answering", config["upstream.url"])
+    await ctx.router.start()  # model lists (several upstreams), then the health probes in the background
+    if config["upstreams"]:
+        for backend in ctx.router.backends:  # each probed once by start(); /healthz probes them all again
+            s = backend.state
+            log.info("upstream %s (%s, %s): %s, models: %s", s.name, s.kind, s.url, s.state,
+                     "not known yet" if s.models is None else ", ".join(sorted(s.models)) or "none")
     else:
-        log.warning(
-            "upstream %s is NOT answering (%s). proxyd is serving anyway: model requests get 502 until Ollama is up "
-            "(see /healthz). No Ollama here? Try: python app.py --demo", config["upstream.url"], detail)
+        ok, detail = await ctx.upstream.health()
+        if ok:
+            log.info("upstream %s is answering", config["upstream.url"])
+        else:
+            log.warning(
+                "upstream %s is NOT answering (%s). proxyd is serving anyway: model requests get 502 until Ollama is "
+                "up (see /healthz). No Ollama here? Try: python app.py --demo", config["upstream.url"], detail)
 
     if demo:
         user = ctx.accounts.users.get("demo")
@@ -191,7 +198,7 @@ async def serve(config, *, demo: bool = False) -> int:
 
 async def _close(ctx, emulator_server) -> None:
     """Closes what serve() opened: at the end, and after a start that failed to bind its port."""
-    await ctx.upstream.close()
+    await ctx.router.close()  # every upstream's pool, the probes
     await ctx.images.close()
     await ctx.ledger.close()
     ctx.tokens.close()

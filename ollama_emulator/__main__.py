@@ -22,6 +22,8 @@ def parse_args(argv: list | None) -> argparse.Namespace:
     p.add_argument("--no-usage", action="store_true", help="never report usage in streams")
     p.add_argument("--prompt-token-skew", type=int, default=0)
     p.add_argument("--no-host-check", action="store_true")
+    p.add_argument("--fault", default=None, help="a fault every request takes (busy503, slow_first_byte:0.2, ...)")
+    p.add_argument("--models", default=None, help="comma-separated models installed (default: the built-in three)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -36,6 +38,8 @@ async def serve(args: argparse.Namespace) -> None:
         send_usage=not args.no_usage,
         prompt_token_skew=args.prompt_token_skew,
         check_host=not args.no_host_check,
+        fault=args.fault,
+        **({"models": tuple(args.models.split(","))} if args.models else {}),
     )
     shown = f"[{args.address}]" if ":" in args.address else args.address
     log.info("ollama emulator listening on http://%s:%d", shown, port)

@@ -29,8 +29,14 @@ class EmulatorOptions:
     # Models whose template takes a completions `suffix` (fill-in-the-middle, like qwen2.5-coder); any
     # other model answers a suffix with 400 "does not support insert", as Ollama does.
     insert_models: tuple = ()
+    # A fault every inference request takes when none is queued (a test's upstream that always answers
+    # 503, or is always slow): FAULTS' syntax, e.g. "busy503", "slow_first_byte:0.2".
+    fault: str | None = None
+    loaded_models: tuple | None = None  # what /api/ps lists as in memory; None = every model
 
     def __post_init__(self) -> None:
+        if self.fault is not None:
+            parse_fault(self.fault)
         if self.stream_format not in ("old", "new"):
             raise ValueError(f"stream_format must be 'old' or 'new', not {self.stream_format!r}")
 
@@ -57,4 +63,6 @@ class EmulatorState:
         self.faults.append(fault)
 
     def take_fault(self) -> Fault | None:
-        return parse_fault(self.faults.popleft()) if self.faults else None
+        if self.faults:
+            return parse_fault(self.faults.popleft())
+        return parse_fault(self.options.fault) if self.options.fault is not None else None

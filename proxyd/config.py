@@ -74,6 +74,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("upstream.idle_timeout_s", float, 60.0, "Longest gap allowed between two stream chunks."),
     Setting("upstream.pool_size", int, 512, "Keep-alive connections kept open to Ollama."),
     Setting("upstream.max_response_bytes", int, 64 * MIB, "Largest non-stream answer accepted from Ollama."),
+    # -- several upstreams (issue #15; docs/DESIGN.md, "Several upstreams") ----------------------------
+    Setting(
+        "upstreams",
+        list,
+        [],
+        "Upstreams to route across, each {name, url, kind: ollama|openai, api_key_env?, headers?, models?, "
+        "weight?, max_in_flight?, pricing?}; empty = upstream.url as one Ollama named 'default'.",
+    ),
+    Setting("upstream.max_attempts", int, 3, "Upstreams tried per request while nothing reached the client."),
+    Setting("upstream.probe_interval_s", float, 2.0, "Health probe (and Ollama /api/ps) of each upstream, every ..."),
+    Setting("upstream.failures_to_eject", int, 3, "Failures in a row that take an upstream out of routing."),
+    Setting("upstream.cooldown_s", float, 5.0, "How long an ejected upstream stays out before one trial request."),
+    Setting("upstream.models_refresh_s", float, 60.0, "Refresh of discovered model lists (upstreams without models)."),
     # -- storage -----------------------------------------------------------------------------
     Setting("database.path", str, "./proxyd.db", "SQLite ledger file (env PROXYD_DB)."),
     Setting(
@@ -263,10 +276,70 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     if values["server.header_timeout_s"] <= 0:
         raise ConfigError("config: 'server.header_timeout_s' must be > 0")
     _check_networks("images.deny_networks", values["images.deny_networks"])
+    if values["upstream.max_attempts"] < 1 or values["upstream.failures_to_eject"] < 1:
+        raise ConfigError("config: 'upstream.max_attempts' and 'upstream.failures_to_eject' must be at least 1")
+    values["upstreams"] = parse_upstreams(values["upstreams"], env)
     levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     if str(values["logging.level"]).upper() not in levels:
         raise ConfigError(f"config: 'logging.level' must be one of {', '.join(levels)}")
     return Config(values)
+
+
+UPSTREAM_KINDS = ("ollama", "openai")
+# key -> (types, required)
+UPSTREAM_KEYS: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "name": (str, True), "url": (str, True), "kind": (str, False), "api_key_env": (str, False),
+    "headers": (dict, False), "models": (list, False), "weight": ((int, float), False),
+    "max_in_flight": (int, False), "pricing": (dict, False),
+}
+
+
+def parse_upstreams(raw: list, env: Any) -> list[dict[str, Any]]:
+    """Checks ``upstreams`` entry by entry (unknown keys, types, names unique, the credential's
+    variable set) and returns them complete, the credential read from the environment once, here."""
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(raw):
+        where = f"upstreams[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config: '{where}' must be a mapping with name and url")
+        where = f"upstreams[{i}]" + (f" ({entry['name']})" if isinstance(entry.get("name"), str) else "")
+        for key, value in entry.items():
+            if key not in UPSTREAM_KEYS:
+                raise ConfigError(f"config: unknown key '{where}.{key}' (known: {', '.join(UPSTREAM_KEYS)})")
+            types = UPSTREAM_KEYS[key][0]
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise ConfigError(f"config: '{where}.{key}' has the wrong type ({type(value).__name__} {value!r})")
+        for key, (_, required) in UPSTREAM_KEYS.items():
+            if required and key not in entry:
+                raise ConfigError(f"config: '{where}' has no '{key}'")
+        kind = entry.get("kind", "ollama")
+        if kind not in UPSTREAM_KINDS:
+            raise ConfigError(f"config: '{where}.kind' must be one of {', '.join(UPSTREAM_KINDS)}, not {kind!r}")
+        if not entry["url"].startswith(("http://", "https://")):
+            raise ConfigError(f"config: '{where}.url' must be an http:// or https:// URL")
+        if not entry["name"] or any(u["name"] == entry["name"] for u in out):
+            raise ConfigError(f"config: '{where}.name' must be non-empty and unique")
+        headers = entry.get("headers") or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise ConfigError(f"config: '{where}.headers' must map header names to strings")
+        models = entry.get("models")
+        if models is not None and not all(isinstance(m, str) and m for m in models):
+            raise ConfigError(f"config: '{where}.models' must be a list of model names")
+        weight = entry.get("weight", 1)
+        if weight <= 0:
+            raise ConfigError(f"config: '{where}.weight' must be > 0")
+        max_in_flight = entry.get("max_in_flight")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ConfigError(f"config: '{where}.max_in_flight' must be at least 1")
+        api_key = None
+        if "api_key_env" in entry:
+            api_key = env.get(entry["api_key_env"])
+            if not api_key:
+                raise ConfigError(f"config: '{where}.api_key_env' names {entry['api_key_env']}, which is not set")
+        out.append({"name": entry["name"], "url": entry["url"].rstrip("/"), "kind": kind, "api_key": api_key,
+                    "api_key_env": entry.get("api_key_env"), "headers": headers, "models": models,
+                    "weight": float(weight), "max_in_flight": max_in_flight, "pricing": entry.get("pricing") or {}})
+    return out
 
 
 def describe() -> str:

@@ -60,6 +60,15 @@ class InvalidRequest(ProxyError):
     type = "invalid_request_error"
 
 
+class InvalidModelName(InvalidRequest):
+    """A model name Ollama's rules refuse (proxyd/modelname.py); an ``openai``-kind upstream may still
+    list it as its own id (the router asks, proxyd/pipeline.py)."""
+
+    def __init__(self, message: str, raw: str) -> None:
+        super().__init__(message, param="model")
+        self.raw = raw
+
+
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "payload_too_large"

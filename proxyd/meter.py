@@ -44,6 +44,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     source: str  # "reported" by the upstream, "counted" by proxyd from what it relayed, or "none"
+    cost_nusd: int | None = None  # the upstream's own price of the request (OpenRouter's usage.cost)
 
 
 @dataclass
@@ -147,7 +148,7 @@ class Meter:
             completion_tokens=completion_tokens,
             completion_is_default=completion_is_default,
             min_completion_tokens=self.min_completion_tokens,
-            price=self.prices.price(model),
+            price=self.prices.reserve_price(model),
         )
         if type(hold) is Refusal:
             return hold
@@ -185,8 +186,10 @@ class Meter:
     async def settle(self, ticket: Ticket, usage: Usage, *, http_status: int = 200) -> None:
         """Posts actual usage; returns once the ledger row and the daily aggregate are committed."""
         self._stop_waiting_for_row(ticket)
-        in_price, out_price = self.prices.settle_price(ticket.model)
-        cost = cost_nusd(usage.prompt_tokens, usage.completion_tokens, (in_price, out_price))
+        in_price, out_price = self.prices.settle_price(ticket.model, ticket.upstream)
+        cost = usage.cost_nusd
+        if cost is None:  # no cost reported: the price table's (the seed passes a reported one through as-is)
+            cost = cost_nusd(usage.prompt_tokens, usage.completion_tokens, (in_price, out_price))
         await self.admission.settle(ticket.hold, usage.prompt_tokens, usage.completion_tokens, cost)
         if self.metrics:
             self.metrics.settled(ticket, usage)

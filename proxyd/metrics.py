@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 
 class Metrics:
@@ -56,6 +56,9 @@ class Metrics:
         Gauge("proxyd_ledger_queue_depth", "Ledger writes queued", registry=self.registry).set_function(queue_depth)
         Gauge("proxyd_ledger_last_commit_seconds", "Duration of the last group commit", registry=self.registry).set_function(commit_s)
         self.registry.register(_LedgerCommits(commits))
+
+    def bind_upstreams(self, router: Any) -> None:
+        self.registry.register(_Upstreams(router))
 
     def settled(self, ticket: Any, usage: Any) -> None:
         self._models.add(ticket.model)
@@ -119,3 +122,30 @@ class _LedgerCommits:
         yield CounterMetricFamily("proxyd_ledger_commits", "Ledger transactions committed", value=commits)
         yield CounterMetricFamily("proxyd_ledger_writes", "Ledger writes committed (a write: a request's row(s))",
                                   value=writes)
+
+
+class _Upstreams:
+    """Each upstream's routing state, read at scrape time from the router (nothing per request)."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+
+    def collect(self):
+        up = GaugeMetricFamily("proxyd_upstream_up", "1 up, 0.5 on trial after a cool-down, 0 out", labels=["upstream"])
+        in_flight = GaugeMetricFamily("proxyd_upstream_in_flight", "Requests in flight", labels=["upstream"])
+        requests = CounterMetricFamily("proxyd_upstream_requests", "Attempts sent", labels=["upstream"])
+        errors = CounterMetricFamily("proxyd_upstream_errors", "Failed attempts (unreachable, cut, 5xx)",
+                                     labels=["upstream"])
+        latency = CounterMetricFamily("proxyd_upstream_first_byte_seconds_sum", "Time to the response headers, summed",
+                                      labels=["upstream"])
+        answered = CounterMetricFamily("proxyd_upstream_first_byte_seconds_count", "Responses whose headers came",
+                                       labels=["upstream"])
+        for backend in self.router.backends:
+            s, name = backend.state, [backend.upstream_name]
+            up.add_metric(name, {"up": 1.0, "trial": 0.5}.get(s.state, 0.0))
+            in_flight.add_metric(name, s.in_flight)
+            requests.add_metric(name, s.requests)
+            errors.add_metric(name, s.errors)
+            latency.add_metric(name, s.latency_s)
+            answered.add_metric(name, s.answered)
+        yield from (up, in_flight, requests, errors, latency, answered)

@@ -2,10 +2,11 @@
 
     (auth: the handler, before the body is read: the key, its cap on open requests)
     plan      = endpoint.parse(body)                  the client's dialect (proxyd/endpoints/)
-    backend   = router.pick(model)                    the upstream kind (proxyd/backends/)
+    backend   = router.pick(model)                    someone serves it, else 404 (proxyd/backends/)
     estimate  = await endpoint.estimate(...)          images inlined, prompt tokens counted
     ticket    = await meter.reserve(...)              the Admission: a reservation, or a Refusal value
-    forward   = await backend.open(path, body')       body' capped at the reserved budget
+    forward   = await backend.open(path, body')       body' capped at the reserved budget; the router's
+                                                      choice, the next one while nothing reached the client
     relay     = once, or event by event to the sink   usage and text collected on the way
     end       = settle or void, in ``end`` alone      durable before the last byte
     last byte = the sink's finish
@@ -29,11 +30,15 @@ import time
 from typing import Any, Protocol
 
 from .admission import Refusal
-from .errors import ProxyError, UpstreamUnavailable
+from .errors import InvalidModelName, ProxyError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from .meter import Ticket, Usage
+from .pricing import reported_cost_nusd
 from .sse import DONE
 
 log = logging.getLogger("proxyd.proxy")
+
+# An upstream's answers that say "not now, not me" before any output: the next upstream may answer.
+FAILOVER_STATUSES = frozenset((429, 502, 503, 504))
 
 
 class ClientGone(Exception):
@@ -66,7 +71,7 @@ class MeteredCall:
 
     __slots__ = ("ctx", "endpoint", "sink", "caller", "request_id", "tokens", "backend", "body", "our_id",
                  "include_usage", "resp", "waiting", "usage", "texts", "delivered", "usage_relayed", "last_event",
-                 "upstream_done")
+                 "upstream_done", "held", "first_byte_s")
 
     def __init__(self, ctx: Any, endpoint: Any, sink: ClientSink, caller: Any, request_id: str) -> None:
         self.ctx = ctx  # proxyd.server.Context: meter, tokens, router, config, metrics
@@ -87,15 +92,21 @@ class MeteredCall:
         # Set by an endpoint's relay_event on its dialect's terminal event (Anthropic's message_stop,
         # Responses' response.completed, the native API's done: true): streams without a [DONE] line.
         self.upstream_done = False
+        self.held = None  # the backend whose in-flight count this request holds (the router's), from forward to end
+        self.first_byte_s: float | None = None
 
     async def run(self, body: dict[str, Any]) -> Refusal | None:
         """The whole request; returns the Refusal if the admission refused it (nothing sent yet), else
         None once the answer is complete. Raises a ProxyError (or ClientGone) when it ends otherwise."""
         endpoint, sink, ctx = self.endpoint, self.sink, self.ctx
-        model, stream, self.include_usage, requested = endpoint.parse(body)
+        try:
+            model, stream, self.include_usage, requested = endpoint.parse(body)
+        except InvalidModelName as exc:
+            model, stream, self.include_usage, requested = self.parse_foreign(body, exc)
         self.body = body
         self.our_id = (endpoint.id_prefix + self.request_id[4:]).encode()
-        self.backend = backend = ctx.router.pick(model)
+        # Who serves the model (a 404 before any reservation if no upstream does); forward chooses which.
+        self.backend = ctx.router.pick(model) or await ctx.router.pick_fresh(model, body["model"])
         prompt_tokens = await endpoint.estimate(body, model, self)
         budget, capped_by = self.completion_budget(model, prompt_tokens, requested)
         sink.log_fields.update(model=model, stream=stream)  # before reserving: refusals are logged per model too
@@ -113,10 +124,9 @@ class MeteredCall:
             return ticket
         sink.admitted(ticket, budget, capped_by)
         upstream_body = endpoint.forward_body(body, ticket.completion_tokens, stream)
-        ticket.upstream, ticket.attempts = backend.upstream_name, 1  # the ledger row's (failover: the last tried)
         error: BaseException | None = None
         try:
-            resp = await self.forward(backend, upstream_body)
+            resp = await self.forward(ticket, upstream_body)
             answer = await (self.relay_stream(resp) if stream else self.relay_once(resp))
         except BaseException as exc:
             error = exc
@@ -129,6 +139,15 @@ class MeteredCall:
         else:
             sink.finish(answer)
         return None
+
+    def parse_foreign(self, body: dict[str, Any], exc: InvalidModelName) -> tuple[str, bool, bool, int | None]:
+        """A model name Ollama's rules refuse: served under that id if an openai-kind upstream lists it
+        (the rest of the body checked as usual), else the 400 it was."""
+        model = self.ctx.router.foreign_model(exc.raw)
+        if model is None:
+            raise exc
+        _, stream, include_usage, requested = self.endpoint.parse({**body, "model": "standin"})
+        return model, stream, include_usage, requested
 
     def completion_budget(self, model: str, prompt_tokens: int, requested: int | None) -> tuple[int, str | None]:
         """The completion tokens to reserve, and None if the client chose them, else what proxyd's
@@ -166,38 +185,77 @@ class MeteredCall:
         if self.resp is not None:
             self.resp.abort()
 
-    async def forward(self, backend: Any, body: dict[str, Any]):
-        sink = self.sink
-        if sink.gone or sink.stopped is not None:
-            raise self.interrupted()  # left or cut off while images were fetched or the prompt counted: void
-        started = time.perf_counter()
-        # While this await waits for the upstream's headers, drop_upstream may cancel this very task
-        # (cheaper than running the request as a task of its own: no second task per request). The
-        # cancel interrupts aiohttp's request, which closes the upstream connection.
-        task = self.waiting = asyncio.current_task()
-        try:
-            resp = await backend.open("POST", backend.paths[self.endpoint.operation], body)
-        except asyncio.CancelledError:
-            stop = self.interrupted()
-            if stop is None:
-                raise  # a cancel from elsewhere: not ours to swallow
-            # Voided (end): nothing was delivered, and whether the upstream evaluated the prompt is
-            # unknown (the request may have waited in the pool, or in Ollama's queue behind others).
-            raise stop from None
-        finally:
-            self.waiting = None
-            if (sink.gone or sink.stopped is not None) and task.cancelling():
-                task.uncancel()  # our cancel, handled here (even if it was swallowed): later timeouts work
-        metrics = self.ctx.metrics
-        if metrics is not None:
-            metrics.upstream_first_byte(self.endpoint.name, time.perf_counter() - started)
-        self.resp = resp
-        if sink.gone or sink.stopped is not None:
-            resp.abort()
-            raise self.interrupted()
-        if resp.status != 200:
+    async def forward(self, ticket: Ticket, body: dict[str, Any]):
+        """The upstream's response headers, from the router's choice; while nothing reached the client
+        (refused, reset, or 429/502/503/504 before the first byte) the next upstream serving the model,
+        up to upstream.max_attempts. The ticket says where it went and after how many attempts."""
+        sink, router, operation = self.sink, self.ctx.router, self.endpoint.operation
+        backend = router.acquire(ticket.model, None, operation)
+        tried = [backend]
+        while True:
+            self.backend = self.held = backend
+            ticket.upstream = backend.upstream_name
+            ticket.attempts += 1
+            if sink.gone or sink.stopped is not None:
+                raise self.interrupted()  # left or cut off (while images were fetched, or between attempts): void
+            started = time.perf_counter()
+            # While this await waits for the upstream's headers, drop_upstream may cancel this very task
+            # (cheaper than running the request as a task of its own: no second task per request). The
+            # cancel interrupts aiohttp's request, which closes the upstream connection.
+            task = self.waiting = asyncio.current_task()
+            try:
+                resp = await backend.open("POST", backend.paths[operation], body)
+            except asyncio.CancelledError:
+                stop = self.interrupted()
+                if stop is None:
+                    raise  # a cancel from elsewhere: not ours to swallow
+                # Voided (end): nothing was delivered, and whether the upstream evaluated the prompt is
+                # unknown (the request may have waited in the pool, or in Ollama's queue behind others).
+                raise stop from None
+            except UpstreamUnavailable as exc:  # refused or reset: it never answered
+                after = self.failover(ticket, tried, exc.detail or exc.message)
+                if after is None:
+                    raise
+                backend = after
+                continue
+            finally:
+                self.waiting = None
+                if (sink.gone or sink.stopped is not None) and task.cancelling():
+                    task.uncancel()  # our cancel, handled here (even if it was swallowed): later timeouts work
+            self.first_byte_s = seconds = time.perf_counter() - started
+            metrics = self.ctx.metrics
+            if metrics is not None:
+                metrics.upstream_first_byte(self.endpoint.name, seconds)
+            self.resp = resp
+            if sink.gone or sink.stopped is not None:
+                resp.abort()
+                raise self.interrupted()
+            if resp.status == 200:
+                return resp
+            if resp.status in FAILOVER_STATUSES:
+                after = self.failover(ticket, tried, f"HTTP {resp.status}")
+                if after is not None:
+                    resp.abort()
+                    self.resp, backend = None, after
+                    continue
             raise backend.error(resp.status, await resp.read())
-        return resp
+
+    def failover(self, ticket: Ticket, tried: list[Any], why: str) -> Any:
+        """The next upstream for a request whose attempt failed before anything reached the client, or
+        None (attempts used up, no other upstream serves the model): then that failure is the answer,
+        and ``end`` gives the failed upstream's slot back. A 429 is no failure of the upstream's health."""
+        router = self.ctx.router
+        if ticket.attempts >= router.max_attempts:
+            return None
+        backend = router.acquire(ticket.model, tried, self.endpoint.operation)
+        if backend is None:
+            return None
+        failed, self.held = self.held, None
+        router.release(failed, why != "HTTP 429", None, why)
+        tried.append(backend)
+        log.info("%s: upstream %s failed before the first byte (%s); trying %s", ticket.request_id,
+                 failed.upstream_name, why, backend.upstream_name)
+        return backend
 
     # -- relay ----------------------------------------------------------------------------------------------
 
@@ -254,7 +312,9 @@ class MeteredCall:
         """The upstream's reported usage when there is any, else counted from what was relayed."""
         u = self.usage
         if u is not None and isinstance(u.get("prompt_tokens"), int) and isinstance(u.get("completion_tokens", 0), int):
-            return Usage(u["prompt_tokens"], u.get("completion_tokens", 0), "reported")
+            # An upstream that prices its own requests (OpenRouter's usage.cost) is billed that price.
+            cost = reported_cost_nusd(u["cost"]) if "cost" in u and self.backend.reports_cost else None
+            return Usage(u["prompt_tokens"], u.get("completion_tokens", 0), "reported", cost)
         counts = await self.tokens.count_many(ticket.model, self.texts) if self.texts else []
         return Usage(ticket.prompt_tokens, sum(counts), "counted")
 
@@ -262,6 +322,15 @@ class MeteredCall:
         """The one place a reservation ends: settled or voided, exactly once. Returns the usage settled
         of a complete answer (its stream's usage event, if one is owed, says what was billed)."""
         meter = self.ctx.meter
+        held = self.held
+        if held is not None:
+            # Given back for routing, with its verdict for the upstream's health: an upstream failure
+            # (unreachable, cut, silent, 5xx) counts against it; the client leaving or a 4xx does not.
+            self.held = None
+            failed = error is not None and (
+                isinstance(error, (UpstreamUnavailable, UpstreamTimeout))
+                or (isinstance(error, UpstreamError) and error.status >= 500)) and self.interrupted() is None
+            self.ctx.router.release(held, failed, self.first_byte_s, str(error) if failed else "")
         if error is None:
             usage = await self.usage_of(ticket)
             await meter.settle(ticket, usage)  # a ledger failure here fails the request: nothing unbilled

@@ -14,7 +14,7 @@ and on /healthz (DESIGN.md, "Prices").
 from __future__ import annotations
 
 import logging
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Iterable
 
 from .config import ConfigError
@@ -31,16 +31,36 @@ MAX_UNPRICED_SHOWN = 100
 
 
 class PriceTable:
-    def __init__(self, raw: dict[str, Any]) -> None:
+    """``upstreams``: an upstream's own prices (``upstreams[].pricing``, the same shape), which win over
+    the table's for the requests that upstream served; a price the upstream reports itself
+    (``Usage.cost_nusd``) wins over both (proxyd/meter.py, settle)."""
+
+    def __init__(self, raw: dict[str, Any], upstreams: dict[str, dict[str, Any]] | None = None, *,
+                 where: str = "pricing") -> None:
         self._prices: dict[str, tuple[int, int]] = {}
         self.unpriced: set[str] = set()  # models billed at 0 for want of any entry, since start
         self._start_warnings: list[str] = []
         try:  # keyed as requests are looked up: by canonical model name (proxyd/modelname.py)
-            entries = canonical_keys(raw or {}, "config: pricing")
+            entries = canonical_keys(raw or {}, f"config: {where}")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         for model, entry in entries.items():
-            self.set(model, entry, where=f"pricing.{model}")
+            self.set(model, entry, where=f"{where}.{model}")
+        self.by_upstream = {name: PriceTable(table, where=f"upstreams.{name}.pricing")
+                            for name, table in (upstreams or {}).items() if table}
+        if not self.by_upstream:
+            self.reserve_price = self.price  # one table: no maximum to take
+
+    def own(self, model: str) -> tuple[int, int] | None:
+        """This table's entry for the model (its name, its family, its default), else None."""
+        p = self._prices
+        return p.get(model) or p.get(family(model)) or p.get("default")
+
+    def reserve_price(self, model: str) -> tuple[int, int]:
+        """The price a reservation is made at: the highest the model may be billed at by any upstream,
+        so a cost limit holds whichever serves it (the upstream is chosen after the reservation)."""
+        prices = [self.price(model), *(t.own(model) or FREE for t in self.by_upstream.values())]
+        return max(p[0] for p in prices), max(p[1] for p in prices)
 
     def set(self, model: str, entry: Any, *, where: str) -> None:
         if not isinstance(entry, dict):
@@ -63,8 +83,13 @@ class PriceTable:
             p = self._prices.get(family(model)) or self._prices.get("default") or FREE
         return p
 
-    def settle_price(self, model: str) -> tuple[int, int]:
-        """``price()`` for a bill: a model no entry covers is noted (log once, /healthz) as billed at 0."""
+    def settle_price(self, model: str, upstream: str | None = None) -> tuple[int, int]:
+        """``price()`` for a bill, the serving upstream's own entry first: a model no entry covers is
+        noted (log once, /healthz) as billed at 0."""
+        if self.by_upstream and upstream in self.by_upstream:
+            p = self.by_upstream[upstream].own(model)
+            if p is not None:
+                return p
         p = self._prices.get(model)
         if p is None:
             p = self._prices.get(family(model)) or self._prices.get("default")
@@ -115,6 +140,21 @@ def _nusd(value: Any, where: str) -> int:
 
 def _usd(nusd: int) -> str:
     return format(Decimal(nusd) / NANO, "f")
+
+
+def reported_cost_nusd(value: Any) -> int | None:
+    """An upstream's own cost of a request (OpenRouter's ``usage.cost``, USD as a JSON number) in
+    nano-USD, rounded half up from its decimal text (no binary float rounding on the way); None if it
+    is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        usd = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    if not usd.is_finite() or usd < 0:
+        return None
+    return int((usd * NANO).to_integral_value(rounding=ROUND_HALF_UP))
 
 
 def cost_nusd(prompt_tokens: int, completion_tokens: int, price: tuple[int, int]) -> int:

@@ -6,6 +6,7 @@ tests build as many independent proxies as they like in one process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ import tornado.web
 from .accounts import Accounts
 from .backends import Router
 from .backends.ollama import OllamaBackend
-from .config import Config, ConfigError
+from .backends.openai_compat import OpenAICompatBackend
+from .config import BY_KEY, Config, ConfigError
 from .errors import InvalidRequest
 from .handlers import admin, dashboard, native, openai, usage
 from .handlers import anthropic as anthropic_handlers
@@ -118,7 +120,7 @@ def parse_config_limits(raw: dict[str, Any]) -> dict[str, Any]:
 def check_structures(config: Config) -> None:
     """Validates the dict-typed settings (limits, pricing); raises ConfigError naming the key."""
     parse_config_limits(config["limits"])
-    PriceTable(config["pricing"])
+    PriceTable(config["pricing"], {u["name"]: u["pricing"] for u in config["upstreams"]})
     try:
         canonical_keys(config["models"], "config: models")
     except ValueError as exc:
@@ -133,13 +135,24 @@ def check_structures(config: Config) -> None:
             raise ConfigError(f"config: models.{name}.template must be one of {sorted(TEMPLATES)}")
 
 
+def upstream_specs(config: Config) -> list[dict[str, Any]]:
+    """The configured upstreams (parsed by config.parse_upstreams); without any, the old upstream.url
+    as one Ollama named "default"."""
+    if config["upstreams"]:
+        if config["upstream.url"] != BY_KEY["upstream.url"].default:
+            log.warning("upstreams is set: upstream.url (%s) is not used", config["upstream.url"])
+        return config["upstreams"]
+    return [{"name": "default", "url": config["upstream.url"], "kind": "ollama", "api_key": None, "headers": {},
+             "models": None, "weight": 1.0, "max_in_flight": None, "pricing": {}}]
+
+
 def build_context(config: Config, *, clock: Callable[[], float] = time.time, image_resolver=None) -> Context:
     """Opens the storage (migrations, crash recovery) and builds every shared object. Synchronous."""
     # Imported here: Pillow and aiohttp load only when a proxy is actually built.
     from .images import ImageInliner, ImagePolicy, upstream_endpoints
 
     config_limits = parse_config_limits(config["limits"])
-    prices = PriceTable(config["pricing"])
+    prices = PriceTable(config["pricing"], {u["name"]: u["pricing"] for u in config["upstreams"]})
     for warning in prices.check_start([*config["models"], *config_limits["models"]]):
         log.warning("%s", warning)
     # One SQLite file holds both ports (proxyd/storage/): the Ledger and the AccountStore.
@@ -172,14 +185,18 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
             commits=lambda: (storage.commits, storage.writes),
         )
     tokens = TokenCounter(config["models"], config["model_defaults"])
-    upstream = Upstream(
-        config["upstream.url"],
+    specs = upstream_specs(config)
+    upstreams = [Upstream(
+        spec["url"],
         connect_timeout_s=config["upstream.connect_timeout_s"],
         first_byte_timeout_s=config["upstream.first_byte_timeout_s"],
         idle_timeout_s=config["upstream.idle_timeout_s"],
         pool_size=config["upstream.pool_size"],
         max_response_bytes=config["upstream.max_response_bytes"],
-    )
+        headers={**({"Authorization": "Bearer " + spec["api_key"]} if spec["api_key"] else {}), **spec["headers"]},
+        health_path="/api/version" if spec["kind"] == "ollama" else "/models",
+    ) for spec in specs]
+    upstream = upstreams[0]
     img = config.section("images")
     policy = ImagePolicy(
         allow_private_networks=img["allow_private_networks"],
@@ -193,10 +210,17 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
         max_pixels_per_request=img["max_pixels_per_request"],
         decode_memory_bytes=img["decode_memory_bytes"],
         deny_networks=tuple(img["deny_networks"]),
-        deny_endpoints=upstream_endpoints(config["upstream.url"]),
+        deny_endpoints=tuple(e for spec in specs for e in upstream_endpoints(spec["url"])),
     )
     images = ImageInliner(policy, resolver=image_resolver)
-    router = Router([OllamaBackend(upstream, images)])
+    kinds = {"ollama": OllamaBackend, "openai": OpenAICompatBackend}
+    backends = [kinds[spec["kind"]](up, images, spec["name"]) for up, spec in zip(upstreams, specs)]
+    router = Router(backends, specs, legacy=not config["upstreams"], max_attempts=config["upstream.max_attempts"],
+                    probe_interval_s=config["upstream.probe_interval_s"],
+                    failures_to_eject=config["upstream.failures_to_eject"], cooldown_s=config["upstream.cooldown_s"],
+                    models_refresh_s=config["upstream.models_refresh_s"])
+    if metrics is not None:
+        metrics.bind_upstreams(router)
     return Context(config, storage, accounts, meter, tokens, upstream, images, metrics, router=router)
 
 
@@ -210,13 +234,20 @@ class HealthHandler(BaseHandler):
         admin = "Authorization" in self.request.headers
         if admin:
             self.authenticate_admin()
-        ok, detail = await self.ctx.upstream.health()
+        router = self.ctx.router
+        # Probed now (each probe also feeds the upstream's health state, as the background probe does).
+        results = await asyncio.gather(*(router.probe(b) for b in router.backends))
+        ok = any(r[0] for r in results)  # proxyd serves while one upstream does
         upstream: dict[str, Any] = {"reachable": ok}
-        body: dict[str, Any] = {"status": "ok" if ok else "degraded", "upstream": upstream}
+        all_up = all(r[0] for r in results) and all(b.state.state == "up" for b in router.backends)
+        body: dict[str, Any] = {"status": "ok" if ok and all_up else "degraded", "upstream": upstream}
         if admin:
-            upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=detail)
+            # ``upstream`` is the first one (the only one without ``upstreams``), as before; the list has them all.
+            upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=results[0][1])
             body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
-                        ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings())
+                        ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings(),
+                        upstreams=[{**b.state.as_json(), "url": b.upstream.base_url, "reachable": r[0], "detail": r[1]}
+                                   for b, r in zip(router.backends, results)])
         self.send_json(body, 200 if ok else 503)
 
 

@@ -51,8 +51,16 @@ class Upstream:
         idle_timeout_s: float = 60.0,
         pool_size: int = 512,
         max_response_bytes: int = 64 * 1024 * 1024,
+        headers: dict[str, str] | None = None,
+        health_path: str = "/",
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # identity: Ollama never compresses, and an upstream that did would make the declared length
+        # (checked against the size cap in read()) the compressed size. The configured headers (an
+        # upstream's credential, a gateway's own) come last: proxyd's are the only others it ever sees.
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+                        "Accept-Encoding": "identity", **(headers or {})}
+        self.health_path = health_path
         self.connect_timeout_s = connect_timeout_s
         self.first_byte_timeout_s = first_byte_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -80,10 +88,7 @@ class Upstream:
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> "UpstreamResponse":
         """Sends the request and waits for the response headers (the first byte)."""
         data = None if body is None else jsonio.dumps(body)
-        # identity: Ollama never compresses, and an upstream that did would make the declared length
-        # (checked against the size cap in read()) the compressed size.
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-                   "Accept-Encoding": "identity"}
+        headers = self.headers
         try:
             async with asyncio.timeout(self.first_byte_timeout_s):
                 resp = await self.session.request(method, self.base_url + path, data=data, headers=headers)
@@ -104,10 +109,18 @@ class Upstream:
     async def health(self) -> tuple[bool, str]:
         try:
             async with asyncio.timeout(2.0):
-                async with self.session.get(self.base_url + "/") as resp:
+                async with self.session.get(self.base_url + self.health_path, headers=self.headers) as resp:
                     return resp.status == 200, f"HTTP {resp.status}"
         except Exception as exc:  # any failure just means "not healthy"
             return False, str(exc) or type(exc).__name__
+
+    async def get_json(self, path: str, timeout_s: float = 5.0) -> Any:
+        """A small GET answered with JSON (model lists, /api/ps); raises on any failure."""
+        async with asyncio.timeout(timeout_s):
+            async with self.session.get(self.base_url + path, headers=self.headers) as resp:
+                if resp.status != 200:
+                    raise UpstreamUnavailable(f"HTTP {resp.status} from {path}")
+                return jsonio.loads(await resp.read())
 
 
 class UpstreamResponse:

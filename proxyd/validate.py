@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InvalidRequest
+from .errors import InvalidModelName, InvalidRequest
 from .modelname import canonical, why_invalid
 
 MAX_TOKENS_CAP = 2**31 - 1  # any real context is far smaller; larger values cannot be stored (SQLite int64)
@@ -60,10 +60,11 @@ def _model(body: dict[str, Any]) -> str:
     if len(model) > MAX_MODEL_CHARS:
         raise InvalidRequest(f"'model' is too long (at most {MAX_MODEL_CHARS} characters)", param="model")
     # Metered, limited and priced under Ollama's own idea of which model this is (the body keeps the
-    # client's spelling for Ollama); a name Ollama refuses is refused here, before any reservation.
+    # client's spelling for Ollama); a name Ollama refuses is refused here, before any reservation,
+    # unless an openai-kind upstream lists it as its own id (the pipeline asks its router).
     name = canonical(model)
     if not name:
-        raise InvalidRequest(f"invalid model name {model!r}: {why_invalid(model)}", param="model")
+        raise InvalidModelName(f"invalid model name {model!r}: {why_invalid(model)}", model)
     return name
 
 

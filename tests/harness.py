@@ -39,11 +39,12 @@ class FakeClock:
 
 class Harness:
     def __init__(self, db_path: str, *, config: dict[str, Any] | None = None, emulator: dict[str, Any] | None = None,
-                 upstream_url: str | None = None) -> None:
+                 upstream_url: str | None = None, env: dict[str, str] | None = None) -> None:
         self.db_path = db_path
         self.config_overrides = config or {}
         self.emulator_options = emulator or {}
         self.upstream_url = upstream_url
+        self.env = env or {}
         self.clock = FakeClock()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -75,7 +76,7 @@ class Harness:
             "images.allow_private_networks": False,
             **self.config_overrides,
         }
-        config = load_config(None, overrides, env={})
+        config = load_config(None, overrides, env=self.env)
         self.config = config
         self.ctx = build_context(config, clock=self.clock)
         self.ctx.ledger.bind_loop(asyncio.get_running_loop())
@@ -83,6 +84,7 @@ class Harness:
         self.port = sockets[0].getsockname()[1]
         self.server = HTTPServer(make_app(self.ctx), max_body_size=config["server.max_body_bytes"] * 2)
         self.server.add_sockets(sockets)
+        await self.ctx.router.start()
 
     def stop_proxy(self) -> None:
         self.call(self._stop_proxy())
@@ -92,7 +94,7 @@ class Harness:
             return
         self.server.stop()
         await self.server.close_all_connections()
-        await self.ctx.upstream.close()
+        await self.ctx.router.close()
         await self.ctx.images.close()
         await self.ctx.ledger.close()
         self.ctx.tokens.close()

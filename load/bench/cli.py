@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-mode", choices=("all", "gil"), default="all",
                    help="py-spy: samples of every thread not seen idle (default; counts C code that releases the "
                         "GIL, such as tiktoken and sqlite), or only of the thread holding the GIL")
+    p.add_argument("--upstreams", metavar="N", type=int, default=1,
+                   help="also this tree's proxy routing across N healthy upstreams (one emulator behind them all), "
+                        "target 'proxy-<N>up': throughput and calls compare it with the one-upstream proxy (the "
+                        "router's cost per request; issue #15)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     phases = [x.strip() for x in a.phases.split(",") if x.strip()]
@@ -76,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         v = getattr(a, name)
         if v and not lo <= v <= hi:
             p.error(f"--{name} must be in [{lo}, {hi}]")
+    if not 1 <= a.upstreams <= 16:
+        p.error("--upstreams in [1, 16]")
     if not 1 <= a.rounds <= 50 or not 1 <= a.concurrency <= 2000:
         p.error("--rounds in [1, 50], --concurrency in [1, 2000]")
     a.phase_list = phases

@@ -267,6 +267,14 @@ class Stack:
                 prefill_ledger(root, Path(doc["database"]["path"]), bench.args.ledger_rows)
             self.candidates[name] = Proc(f"{name}-{label}", [PY, str(root / "app.py"), "--config", str(cfg2)], d, env,
                                          cwd=root)
+        for name, n in bench.variants.items():  # this tree under another config: routing across n upstreams
+            port = self.ports[name] = free_port()
+            doc = bench.variant_config(json.loads(cfg.read_text()), self.emu_url, n)
+            doc["server"]["port"] = port
+            doc["database"]["path"] = str(d / f"{name}-{label}.db")
+            cfg2 = d / f"{name}-{label}.yaml"
+            cfg2.write_text(json.dumps(doc, indent=1))
+            self.candidates[name] = Proc(f"{name}-{label}", [PY, "app.py", "--config", str(cfg2)], d, env)
         self.forwarder = Proc(f"forwarder-{label}", [PY, "-m", "load.forwarder", "--port", str(self.fwd_port),
                                                      "--upstream", self.emu_url, "--log-level", "WARNING"], d, env)
         self.keys: dict[str, str] = {}

@@ -46,6 +46,8 @@ class Bench:
         for root in self.candidates.values():
             if not (root / "app.py").exists():
                 raise SystemExit(f"--candidate {root}: no app.py there")
+        # Variants of this tree's proxy under another config (same code): --upstreams N.
+        self.variants: dict[str, int] = {f"proxy-{args.upstreams}up": args.upstreams} if args.upstreams > 1 else {}
         self.wrk = shutil.which("wrk") if args.generator in ("auto", "wrk") else None
         if args.generator == "wrk" and not self.wrk:
             raise SystemExit("--generator wrk: wrk is not installed (apt-get install -y wrk)")
@@ -167,7 +169,12 @@ class Bench:
         return res
 
     def proxies(self) -> list[str]:
-        return ["proxy"] + list(self.candidates)
+        return ["proxy"] + list(self.variants) + list(self.candidates)
+
+    @staticmethod
+    def variant_config(doc: dict[str, Any], emu_url: str, upstreams: int) -> dict[str, Any]:
+        """The proxy's config routing across ``upstreams`` healthy upstreams, all the one emulator."""
+        return {**doc, "upstreams": [{"name": f"u{i}", "url": emu_url, "kind": "ollama"} for i in range(upstreams)]}
 
     def order(self, targets: list[str], rnd: int) -> list[str]:
         k = rnd % len(targets)

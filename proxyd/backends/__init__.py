@@ -37,16 +37,21 @@ class Backend(Protocol):
     def canonical_model(self, name: str) -> str:
         """The model a name means to this upstream ("" if the upstream would refuse the name)."""
 
+    def model_key(self, name: str) -> str:
+        """The name a model this upstream lists is routed, metered and priced under."""
+
+    reports_cost: bool  # a usage.cost in its answers is the request's price, billed as reported
+    state: Any  # the router's UpstreamState (proxyd/backends/health.py)
+
+    async def list_models(self) -> list[str]:
+        """The models it serves, as it names them (discovery)."""
+
+    async def loaded_models(self) -> set[str] | None:
+        """The models it has in memory (Ollama's /api/ps), None if it cannot say."""
+
     async def health(self) -> tuple[bool, str]: ...
 
 
-class Router:
-    """Picks the backend that serves a model. One backend today: every model goes to it. Several
-    upstreams (by model, with failover) replace ``pick`` and nothing else."""
+from .router import Router  # noqa: E402  (re-exported: proxyd.backends.Router)
 
-    def __init__(self, backends: list[Backend]) -> None:
-        self.backends = backends
-        self.default = backends[0]
-
-    def pick(self, model: str) -> Backend:
-        return self.default
+__all__ = ["Backend", "Router"]

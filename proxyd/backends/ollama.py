@@ -24,6 +24,7 @@ NO_VISION = "missing data required for image input"
 
 class OllamaBackend:
     name = "ollama"
+    reports_cost = False  # Ollama bills nothing: usage is priced from proxyd's table
     paths = {
         "chat": "/v1/chat/completions",
         "completions": "/v1/completions",
@@ -51,11 +52,24 @@ class OllamaBackend:
         # The pool's own method, not a wrapper around it: opening a request costs no extra call.
         self.open = upstream.request
         self.health = upstream.health
+        # Routing state (proxyd/backends/health.py), set by the Router that owns this backend.
+        self.state: Any = None
+
+    async def list_models(self) -> list[str]:
+        """The installed models (/api/tags), as proxyd names them (canonical, with their tag)."""
+        doc = await self.upstream.get_json("/api/tags")
+        return [n for n in (canonical(str(m.get("name") or m.get("model") or "")) for m in doc.get("models") or ()) if n]
+
+    async def loaded_models(self) -> set[str] | None:
+        """The models in memory now (/api/ps): a request for one of them starts without a cold load."""
+        doc = await self.upstream.get_json("/api/ps", timeout_s=2.0)
+        return {n for n in (canonical(str(m.get("name") or m.get("model") or "")) for m in doc.get("models") or ()) if n}
 
     @staticmethod
     def stream_parser(operation: str) -> SSEParser | NDJSONParser:
         return NDJSONParser() if operation in _NDJSON_OPERATIONS else SSEParser()
     canonical_model = staticmethod(canonical)
+    model_key = staticmethod(canonical)
 
     @staticmethod
     def stream_usage(doc: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any] | None:

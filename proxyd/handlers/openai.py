@@ -28,7 +28,7 @@ from ..endpoints.openai import ChatCompletions, Completions, Embeddings
 from ..errors import InvalidRequest, NotFound, ProxyError, UpstreamUnavailable
 from ..limits_http import refusal_error
 from ..meter import Ticket
-from ..modelname import why_invalid
+from ..modelname import canonical, why_invalid
 from ..pipeline import ClientGone, MeteredCall
 from .base import BaseHandler
 
@@ -248,7 +248,11 @@ class ModelsHandler(BaseHandler):
         self.authenticate_user()
 
     async def get(self, model: str | None = None) -> None:
-        backend = self.ctx.router.default  # the model list is the default backend's (one backend today)
+        router = self.ctx.router
+        if not router.legacy:
+            self.send_json(self.served(router, model))
+            return
+        backend = router.default  # one Ollama (upstream.url): its own list, passed through
         path = backend.paths["models"]
         if model is not None:
             # The name is one path segment of Ollama's route (gin matches /v1/models/:model on the
@@ -272,3 +276,18 @@ class ModelsHandler(BaseHandler):
         if model is None and isinstance(doc, dict) and doc.get("data") is None:
             doc["data"] = []  # Ollama sends null when no model is installed; the SDK expects a list
         self.send_json(doc)
+
+    @staticmethod
+    def served(router: Any, model: str | None) -> dict[str, Any]:
+        """Several upstreams: the union of their lists (as discovered or configured), or one of it."""
+        def entry(name: str) -> dict[str, Any]:
+            return {"id": name, "object": "model", "created": 0, "owned_by": "proxyd"}
+
+        if model is None:
+            return {"object": "list", "data": [entry(m) for m in router.served_models()]}
+        key = canonical(model) or router.foreign_model(model)
+        for backend in router.backends:
+            models = backend.state.models
+            if models is not None and key in models:
+                return entry(model)
+        raise NotFound(f"The model `{model}` does not exist or you do not have access to it.", code="model_not_found")

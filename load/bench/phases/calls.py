@@ -28,7 +28,7 @@ def run(bench: Bench) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXYD_")}
     env["PROXYD_ADMIN_TOKEN"] = ADMIN_TOKEN
     seconds = max(1.0, min(a.duration, 5.0))
-    roots = {"proxy": ROOT, **bench.candidates, "forwarder": None}
+    roots = {"proxy": ROOT, **{name: ROOT for name in bench.variants}, **bench.candidates, "forwarder": None}
 
     def profiled(name: str, root: Path | None, loaded: bool) -> tuple[dict, int]:
         port, out = free_port(), bench.tmp / f"calls-{name.replace(':', '_')}-{int(loaded)}.prof"
@@ -38,6 +38,8 @@ def run(bench: Bench) -> None:
         else:
             doc = {**base_cfg, "server": {**base_cfg["server"], "port": port},
                    "database": {"path": str(out.with_suffix(".db"))}}
+            if name in bench.variants:
+                doc = bench.variant_config(doc, st.emu_url, bench.variants[name])
             cfg = out.with_suffix(".yaml")
             cfg.write_text(json.dumps(doc))
             cmd, ready = [str(root / "app.py"), "--config", str(cfg)], "/healthz"

@@ -8,6 +8,7 @@ import json
 import statistics
 from typing import Any
 
+from ..processes import ROOT
 from ..report import diff, run_summary
 from ..runner import Bench
 from ..workload import small_chat
@@ -63,10 +64,10 @@ def run(bench: Bench) -> None:
         "cpu_ratio_proxy_forwarder": round(summary["proxy"]["server_cpu_ms_per_req"] / fwd["server_cpu_ms_per_req"], 2)
         if fwd["server_cpu_ms_per_req"] else None,
     }
-    for name in bench.candidates:
+    for name in [*bench.variants, *bench.candidates]:
         c = summary[name]
         bench.results["throughput"].setdefault("candidates", {})[name] = {
-            "root": str(bench.candidates[name]),
+            "root": str(bench.candidates.get(name, ROOT)),
             "ratio_forwarder": round(c["rps"] / fwd["rps"], 3) if fwd["rps"] else None,
             "ratio_proxy": round(c["rps"] / summary["proxy"]["rps"], 3) if summary["proxy"]["rps"] else None,
             "ratio_proxy_by_round": [
