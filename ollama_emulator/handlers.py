@@ -189,24 +189,6 @@ class ModelsHandler(BaseHandler):
         self.write_json({"object": "list", "data": data or None})
 
 
-class TagsHandler(BaseHandler):
-    """/api/tags: the installed models (name and model alike, with their tag), as Ollama lists them."""
-
-    def get(self) -> None:
-        models = [{"name": names.listed_name(m), "model": names.listed_name(m), "size": 0, "digest": ""}
-                  for m in self.state.options.models]
-        self.write_json({"models": models})
-
-
-class PsHandler(BaseHandler):
-    """/api/ps: the models in memory (``loaded_models``; all of them unless a test says otherwise)."""
-
-    def get(self) -> None:
-        loaded = self.state.options.loaded_models
-        shown = self.state.options.models if loaded is None else loaded
-        self.write_json({"models": [{"name": names.listed_name(m), "model": names.listed_name(m)} for m in shown]})
-
-
 class ModelHandler(BaseHandler):
     def get(self, name: str) -> None:
         if "/" in name:

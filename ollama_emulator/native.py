@@ -416,11 +416,16 @@ class TagsHandler(BaseHandler):
 
 
 class PsHandler(BaseHandler):
-    """GET /api/ps: nothing is reported loaded (the emulator loads nothing)."""
+    """GET /api/ps: api.ProcessResponse. The models a test says are in memory (``loaded_models``, for
+    routing tests); none by default, as a freshly started Ollama."""
 
     def get(self) -> None:
+        loaded = self.state.options.loaded_models or ()
+        models = [{"name": names.listed_name(m), "model": names.listed_name(m), "size": 1_000_000_000,
+                   "digest": hashlib.sha256(m.encode()).hexdigest(), "details": _details(m),
+                   "expires_at": _modified_at(), "size_vram": 1_000_000_000} for m in loaded]
         self.set_header("Content-Type", GIN_JSON)
-        self.finish(go_json({"models": []}))
+        self.finish(go_json({"models": models}))
 
 
 class ShowHandler(BaseHandler):

@@ -17,9 +17,7 @@ from .handlers import (
     ModelHandler,
     ModelsHandler,
     NotFoundHandler,
-    PsHandler,
     RootHandler,
-    TagsHandler,
     VersionHandler,
 )
 from .native import ROUTES as NATIVE_ROUTES
@@ -44,8 +42,6 @@ def make_app(state: EmulatorState) -> tornado.web.Application:
         [
             (r"/", RootHandler, args),
             (r"/api/version", VersionHandler, args),
-            (r"/api/tags", TagsHandler, args),
-            (r"/api/ps", PsHandler, args),
             (r"/v1/chat/completions", ChatHandler, args),
             (r"/v1/completions", CompletionsHandler, args),
             (r"/v1/embeddings", EmbeddingsHandler, args),

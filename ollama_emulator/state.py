@@ -32,7 +32,7 @@ class EmulatorOptions:
     # A fault every inference request takes when none is queued (a test's upstream that always answers
     # 503, or is always slow): FAULTS' syntax, e.g. "busy503", "slow_first_byte:0.2".
     fault: str | None = None
-    loaded_models: tuple | None = None  # what /api/ps lists as in memory; None = every model
+    loaded_models: tuple | None = None  # what /api/ps lists as in memory; None = nothing, as a fresh Ollama
 
     def __post_init__(self) -> None:
         if self.fault is not None:

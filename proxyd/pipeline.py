@@ -106,7 +106,8 @@ class MeteredCall:
         self.body = body
         self.our_id = (endpoint.id_prefix + self.request_id[4:]).encode()
         # Who serves the model (a 404 before any reservation if no upstream does); forward chooses which.
-        self.backend = ctx.router.pick(model) or await ctx.router.pick_fresh(model, body["model"])
+        operation = endpoint.operation
+        self.backend = ctx.router.pick(model, operation) or await ctx.router.pick_fresh(model, body["model"], operation)
         prompt_tokens = await endpoint.estimate(body, model, self)
         budget, capped_by = self.completion_budget(model, prompt_tokens, requested)
         sink.log_fields.update(model=model, stream=stream)  # before reserving: refusals are logged per model too

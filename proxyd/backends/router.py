@@ -55,13 +55,16 @@ class Router:
 
     # -- the request path -------------------------------------------------------------------------------
 
-    def pick(self, model: str) -> Any:
+    def pick(self, model: str, operation: str = "chat") -> Any:
+        """A backend serving the model (for its image policy and estimate; ``acquire`` chooses which one
+        forwards), None if no list has it. A model served only by upstreams of another kind of API (Ollama's
+        native /api on an openai-kind upstream) is a 400 here, before any reservation."""
         if self.single is not None:
             return self.single
         candidates = self._serving.get(model) or self._candidates(model)
-        return candidates[0] if candidates else None
+        return self._taking(candidates, model, operation) if candidates else None
 
-    async def pick_fresh(self, model: str, asked: str) -> Any:
+    async def pick_fresh(self, model: str, asked: str, operation: str = "chat") -> Any:
         """The miss path: no list has the model. One refresh (shared, at most one a second), then 404."""
         if time.monotonic() - self._models_at > 1.0:
             await self.refresh_models()
@@ -69,7 +72,14 @@ class Router:
         if not candidates:
             raise NotFound(f"The model `{asked}` does not exist or you do not have access to it.",
                            code="model_not_found", param="model")
-        return candidates[0]
+        return self._taking(candidates, model, operation)
+
+    @staticmethod
+    def _taking(candidates: list[Any], model: str, operation: str) -> Any:
+        for backend in candidates:
+            if operation in backend.paths:
+                return backend
+        raise InvalidRequest(f"No upstream serving {model} takes this API.", param="model", code="unsupported_api")
 
     def foreign_model(self, raw: str) -> str | None:
         """A name Ollama's rules refuse, as an openai-kind upstream lists it (its key), else None."""
