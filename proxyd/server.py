@@ -115,6 +115,9 @@ def parse_config_limits(raw: dict[str, Any]) -> dict[str, Any]:
 
 def check_structures(config: Config) -> None:
     """Validates the dict-typed settings (limits, pricing); raises ConfigError naming the key."""
+    if config["admission.backend"] != "memory":
+        raise ConfigError("config: admission.backend redis is not part of this build (issue #16's Redis "
+                          "admission); use memory")
     parse_config_limits(config["limits"])
     PriceTable(config["pricing"])
     try:
@@ -140,9 +143,8 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     prices = PriceTable(config["pricing"])
     for warning in prices.check_start([*config["models"], *config_limits["models"]]):
         log.warning("%s", warning)
-    # One SQLite file holds both ports (proxyd/storage/): the Ledger and the AccountStore.
-    storage = SQLiteStorage(config["database.path"], synchronous=config["database.synchronous"],
-                            batch_max=config["database.batch_max"], clock=clock)
+    # One storage holds both ports (proxyd/storage/): the Ledger and the AccountStore.
+    storage = open_storage(config, clock)
     storage.open()
     expired = storage.expire_stale_pending()
     if expired:
@@ -195,7 +197,27 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     )
     images = ImageInliner(policy, resolver=image_resolver)
     router = Router([OllamaBackend(upstream, images)])
-    return Context(config, storage, accounts, meter, tokens, upstream, images, metrics, router=router)
+    ctx = Context(config, storage, accounts, meter, tokens, upstream, images, metrics, router=router)
+    watch = getattr(storage, "watch", None)
+    if watch is not None:  # a store other instances change too (SharedAccountStore): follow their changes
+        async def changed(user_id: str | None) -> None:
+            for key_ids, make_error, reason in await accounts.refresh(user_id):
+                ctx.cut_off(make_error, reason, key_ids)
+
+        watch(changed)
+    return ctx
+
+
+def open_storage(config: Config, clock: Callable[[], float]) -> Any:
+    """The configured storage, not yet opened: the embedded SQLite file, or a PostgreSQL database."""
+    if config["database.backend"] == "postgres":
+        from .storage.postgres import PostgresStorage  # asyncpg loads only when configured
+
+        return PostgresStorage(config["database.dsn"], batch_max=config["database.batch_max"],
+                               write_wait_s=config["database.write_wait_s"],
+                               instance_stale_s=config["database.instance_stale_s"], clock=clock)
+    return SQLiteStorage(config["database.path"], synchronous=config["database.synchronous"],
+                         batch_max=config["database.batch_max"], clock=clock)
 
 
 class HealthHandler(BaseHandler):
