@@ -58,6 +58,7 @@ class Accounts:
         self.users: dict[str, User] = {}
         self.keys: dict[str, KeyRow] = {}  # key_id -> row
         self._by_hash: dict[str, str] = {}  # sha256 -> key_id, live keys only
+        self._claimed: set[str] = set()  # user ids being created here, not yet committed
 
     def load(self, parse_overrides) -> None:
         """Start-up: reads users and keys into memory. ``parse_overrides`` validates stored limits."""
@@ -104,11 +105,15 @@ class Accounts:
         key, key_id = new_key(), _key_id()
         row = KeyRow(key_id, user_id, key[:14], now, hash_key(key))
         self.users[user_id] = user = User(user_id, now, False, overrides)  # claim the id before awaiting
+        self._claimed.add(user_id)
         try:
             await self.store.insert_user(UserRecord(user_id, now, False, overrides_raw), row)
         except Exception:
-            del self.users[user_id]
+            if self.users.get(user_id) is user:  # not replaced by another instance's user of that id (refresh)
+                del self.users[user_id]
             raise
+        finally:
+            self._claimed.discard(user_id)
         self._remember(row)
         return user, key, key_id
 
@@ -157,7 +162,7 @@ class Accounts:
         for rec in users:
             user = self.users.get(rec.user_id)
             overrides = self._parse_overrides(rec.limits or {})
-            if user is None:
+            if user is None or rec.user_id in self._claimed:  # new, or created by another instance first
                 self.users[rec.user_id] = User(rec.user_id, rec.created_at, rec.disabled, overrides)
                 continue
             if rec.disabled and not user.disabled:

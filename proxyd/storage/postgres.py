@@ -517,7 +517,8 @@ class PostgresStorage:
         # The user's id for the notification comes from the row itself (RETURNING would need a fetch).
         await self._account_write(await self._read(lambda c: c.fetchval(
             "SELECT user_id FROM api_keys WHERE key_id = $1", key_id)) or "",
-            [("UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2", revoked_at, key_id)])
+            [("UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL", revoked_at,
+              key_id)])
 
     async def set_disabled(self, user_id: str, disabled: bool) -> None:
         await self._account_write(user_id, [("UPDATE users SET disabled = $1 WHERE user_id = $2", disabled, user_id)])
