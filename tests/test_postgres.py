@@ -337,3 +337,111 @@ def test_killed_connections_fail_requests_cleanly_and_lose_nothing_answered(pg_d
         assert world.admin("GET", "/admin/ledger/check").json()["ok"]
     finally:
         world.close()
+
+
+class Relay:
+    """A TCP relay between proxyd and PostgreSQL that the test can take down (every connection cut, new ones
+    refused) and bring back: PostgreSQL going away and coming back, as far as proxyd can tell."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.writers: set = set()
+        self.up = True
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._client, "127.0.0.1", 0), self.loop).result(5)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader, writer) -> None:
+        if not self.up:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src, dst) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def down(self) -> None:
+        def cut() -> None:
+            self.up = False
+            for w in self.writers:
+                w.transport.abort()
+            self.writers.clear()
+
+        self.loop.call_soon_threadsafe(cut)
+
+    def restore(self) -> None:
+        self.loop.call_soon_threadsafe(setattr, self, "up", True)
+
+    def close(self) -> None:
+        self.down()
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_postgres_gone_for_seconds_fails_requests_cleanly_then_serves_again(pg_dsn, tmp_path):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(pg_dsn)
+    relay = Relay(parts.port or 5432)
+    dsn = parts._replace(netloc=f"{parts.username}@127.0.0.1:{relay.port}").geturl()
+    world = Harness(str(tmp_path / "x.db"), config={"database.backend": "postgres", "database.dsn": dsn,
+                                                     "database.write_wait_s": 1.0}).start()
+    try:
+        key = world.new_user("frank")
+        answered: list[str] = []
+        refused: list[httpx.Response] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    r = http.post(world.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": "llama3.2:1b", "messages": MSG, "max_tokens": 5})
+                    if r.status_code == 200:
+                        answered.append("req_" + r.json()["id"].split("-", 1)[1])
+                    else:
+                        refused.append(r)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(answered) > 20, timeout=10)
+        relay.down()  # gone for 3 s: longer than write_wait_s, so settles in flight fail too
+        time.sleep(3.0)
+        during = len(answered)
+        assert world.ctx.ledger.unavailable
+        relay.restore()
+        wait_until(lambda: len(answered) > during + 20, timeout=10)  # back by itself
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert refused, "nothing was refused while PostgreSQL was away"
+        for r in refused:  # 503 in OpenAI's envelope with a Retry-After: the SDKs retry
+            assert r.status_code == 503 and r.headers.get("Retry-After") == "2", (r.status_code, r.text)
+            assert r.json()["error"]["code"] == "service_unavailable"
+        world.settle_all()
+        settled = {rid for (rid,) in world.rows("SELECT id FROM requests WHERE status = 'settled'")}
+        assert set(answered) <= settled  # every answered request is in the ledger
+        assert world.admin("GET", "/admin/ledger/check").json()["ok"]
+        assert world.get("/v1/usage", key).json()["totals"]["requests"] == len(settled)
+    finally:
+        world.close()
+        relay.close()
