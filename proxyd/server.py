@@ -145,6 +145,9 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
         log.warning("%s", warning)
     # One storage holds both ports (proxyd/storage/): the Ledger and the AccountStore.
     storage = open_storage(config, clock)
+    if config["database.backend"] == "postgres" and config["admission.backend"] == "memory":
+        log.warning("database.backend postgres with admission.backend memory: limits are counted in this process, "
+                    "exact only while it is the only instance on this database (README 'Several instances')")
     storage.open()
     expired = storage.expire_stale_pending()
     if expired:
