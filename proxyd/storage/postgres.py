@@ -149,6 +149,7 @@ class PostgresStorage:
         self._closing = False
         self._on_change: Callable[[str | None], Awaitable[Any]] | None = None
         self._change_lock: asyncio.Lock | None = None
+        self._reloads: set[asyncio.Task] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -364,12 +365,10 @@ class PostgresStorage:
         while True:
             await asyncio.sleep(0.5 if self.unavailable else every)
             try:
-                pool = await self._get_pool()
-                async with pool.acquire(timeout=2) as conn:
-                    await conn.execute(_HEARTBEAT, self.instance_id, socket.gethostname(), os.getpid(), timeout=2)
-                    expired = _count(await conn.execute(_EXPIRE, iso_s(self.clock()), self.instance_stale_s, timeout=5))
-                    await conn.execute("DELETE FROM proxyd_instances WHERE heartbeat_at < now() - make_interval(secs => $1)",
-                                       self.instance_stale_s, timeout=2)
+                try:
+                    expired = await self._beat()
+                except _LOST:  # a pooled connection that died idle (the pool replaces it): once more, anew
+                    expired = await self._beat()
                 if expired:
                     slog.warning("expired %d pending rows of instances silent for over %ss", expired,
                                  self.instance_stale_s)
@@ -382,6 +381,16 @@ class PostgresStorage:
                 if not self.unavailable:
                     slog.error("ledger (postgres) heartbeat failed: %s", exc)
                 self.unavailable = True
+
+    async def _beat(self) -> int:
+        """The heartbeat; expires the pending rows of dead instances (how many) and forgets those instances."""
+        pool = await self._get_pool()
+        async with pool.acquire(timeout=2) as conn:
+            await conn.execute(_HEARTBEAT, self.instance_id, socket.gethostname(), os.getpid(), timeout=2)
+            expired = _count(await conn.execute(_EXPIRE, iso_s(self.clock()), self.instance_stale_s, timeout=5))
+            await conn.execute("DELETE FROM proxyd_instances WHERE heartbeat_at < now() - make_interval(secs => $1)",
+                               self.instance_stale_s, timeout=2)
+        return expired
 
     def watch(self, on_change: Callable[[str | None], Awaitable[Any]]) -> None:
         """``on_change(user_id)`` runs (one at a time, in order) when another instance changed that user or its
@@ -404,7 +413,9 @@ class PostgresStorage:
         except ValueError:
             return
         if msg.get("i") != self.instance_id:
-            self._loop.create_task(self._changed(msg.get("u")))
+            task = self._loop.create_task(self._changed(msg.get("u")))
+            self._reloads.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._reloads.discard)
 
     async def _listen_loop(self) -> None:
         while True:
