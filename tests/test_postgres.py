@@ -223,6 +223,19 @@ def test_a_key_revoked_through_one_instance_is_refused_by_the_other_within_a_sec
     assert getattr(refused.value, "status_code", None) == 401
 
 
+def test_changes_missed_while_listen_was_lost_are_applied_on_reconnect(two, pg_dsn):
+    a, b = two
+    key = a.new_user("gina")
+    wait_until(lambda: b.get("/v1/usage", key).status_code == 200)
+    key_id = a.admin("GET", "/admin/users/gina").json()["keys"][0]["key_id"]
+    # b's LISTEN connection cut: the revoke's notification reaches no one at b (it reconnects 0.5 s later)
+    name = f"proxyd listen {b.ctx.ledger.instance_id}"[:63]
+    assert fetch(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                 name) == [(True,)]
+    assert a.admin("DELETE", f"/admin/keys/{key_id}").status_code == 204
+    wait_until(lambda: b.get("/v1/usage", key).status_code == 401, timeout=3.0)  # reloaded everything
+
+
 def test_limits_and_disabling_set_through_one_instance_apply_on_the_other(two):
     a, b = two
     key = a.new_user("bob")
@@ -391,7 +404,15 @@ class Relay:
 
     def close(self) -> None:
         self.down()
-        self.loop.call_soon_threadsafe(self.server.close)
+
+        async def stop() -> None:
+            self.server.close()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 

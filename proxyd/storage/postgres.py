@@ -153,6 +153,10 @@ class PostgresStorage:
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
+    def _named(self, role: str) -> dict[str, str]:
+        """application_name of a connection: pg_stat_activity tells which instance holds it, and what for."""
+        return {"application_name": f"proxyd {role} {self.instance_id}"[:63]}
+
     def _sync(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         """Runs ``fn(conn)`` to completion on a private loop and connection (start-up: the serving loop may
         be running already and cannot be re-entered). Raises StorageError."""
@@ -257,7 +261,7 @@ class PostgresStorage:
     async def _writer_conn(self) -> Any:
         conn = self._conn
         if conn is None or conn.is_closed():
-            conn = self._conn = await asyncpg.connect(self.dsn, timeout=2,
+            conn = self._conn = await asyncpg.connect(self.dsn, timeout=2, server_settings=self._named("writer"),
                                                       command_timeout=max(self.write_wait_s, 2.0))
         return conn
 
@@ -421,7 +425,7 @@ class PostgresStorage:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=2)
+                conn = await asyncpg.connect(self.dsn, timeout=2, server_settings=self._named("listen"))
                 lost = self._loop.create_future()
                 conn.add_termination_listener(lambda _c: lost.done() or lost.set_result(None))
                 await conn.add_listener(CHANNEL, self._notified)
@@ -449,6 +453,7 @@ class PostgresStorage:
             async with self._pool_lock:
                 if self._pool is None:
                     self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=2,
+                                                           server_settings=self._named("pool"),
                                                            command_timeout=60)
         return self._pool
 
