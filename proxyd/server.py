@@ -239,7 +239,8 @@ class HealthHandler(BaseHandler):
         if admin:
             upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=detail)
             body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
-                        ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings())
+                        ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings(),
+                        ledger_unavailable=self.ctx.ledger.unavailable)  # a shared ledger down: requests get 503
         self.send_json(body, 200 if ok else 503)
 
 

@@ -448,7 +448,7 @@ def test_postgres_gone_for_seconds_fails_requests_cleanly_then_serves_again(pg_d
         relay.down()  # gone for 3 s: longer than write_wait_s, so settles in flight fail too
         time.sleep(3.0)
         during = len(answered)
-        assert world.ctx.ledger.unavailable
+        assert world.admin("GET", "/healthz").json()["ledger_unavailable"] is True
         relay.restore()
         wait_until(lambda: len(answered) > during + 20, timeout=10)  # back by itself
         stop.set()
