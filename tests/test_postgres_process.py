@@ -126,11 +126,15 @@ def test_workers_share_one_port_and_a_killed_one_is_replaced(tmp_path, emulator,
     try:
         key = new_key(base, "alice")
         time.sleep(0.3)
-        for _ in range(30):  # a new connection each: the kernel spreads them over both sockets
-            r = httpx.post(base + "/v1/chat/completions", json={"model": "llama3.2:1b", "messages": MSG},
-                           headers={"Authorization": f"Bearer {key}"})
-            assert r.status_code == 200, r.text  # either worker knows the key (LISTEN/NOTIFY)
-        instances = {i for (i,) in fetch(pg_dsn, "SELECT DISTINCT instance_id FROM requests")}
+        instances: set[str] = set()
+        deadline = time.time() + 20  # the second worker may still be starting when the first answers
+        while len(instances) < 2:
+            assert time.time() < deadline, f"requests reached only {instances}"
+            for _ in range(10):  # a new connection each: the kernel spreads them over both sockets
+                r = httpx.post(base + "/v1/chat/completions", json={"model": "llama3.2:1b", "messages": MSG},
+                               headers={"Authorization": f"Bearer {key}"})
+                assert r.status_code == 200, r.text  # either worker knows the key (LISTEN/NOTIFY)
+            instances = {i for (i,) in fetch(pg_dsn, "SELECT DISTINCT instance_id FROM requests")}
         assert len(instances) == 2, instances
         pids = {int(i.split("-")[-2]) for i in instances}
         os.kill(pids.pop(), signal.SIGKILL)
