@@ -53,7 +53,10 @@ def _admin(dsn: str, sql: str) -> None:
         finally:
             await conn.close()
 
-    asyncio.run(run())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # a thread of its own: the caller may be inside a running loop
+        pool.submit(asyncio.run, run()).result()
 
 
 def postgres_database():

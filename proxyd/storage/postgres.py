@@ -40,6 +40,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -70,6 +71,7 @@ log = logging.getLogger("proxyd.meter")  # as sqlite.py: failed ledger writes ar
 slog = logging.getLogger("proxyd.store")
 
 CHANNEL = "proxyd_accounts"  # NOTIFY channel of user and key changes
+_REQUEST_ID = re.compile(r"req_[0-9A-Za-z_]{1,64}")  # a dashboard cursor's id (proxyd.handlers.base.new_request_id)
 
 _INT4 = {"stream", "http_status", "attempts"}
 _TEXT = {"id", "user_id", "key_id", "model", "endpoint", "status", "day", "created_at", "finished_at", "usage_source",
@@ -494,6 +496,46 @@ class PostgresStorage:
 
     async def check(self, *, start: str | None = None, end: str | None = None) -> dict[str, Any]:
         return await self._read(lambda c: consistency(c, start=start, end=end))
+
+    # -- the dashboard's reads (issue #17; the port gained them on main with the dashboard) ------------------
+
+    async def usage_by_day_and_model(self, *, user_id: str | None, start: str, end: str) -> list:
+        from . import DayModelRow  # a name of the port as merged with the dashboard
+
+        where, params = "day >= $1 AND day <= $2", [start, end]
+        if user_id is not None:
+            where += " AND user_id = $3"
+            params.append(user_id)
+        rows = await self.fetch(
+            "SELECT day, model, SUM(requests)::bigint, SUM(prompt_tokens)::bigint, SUM(completion_tokens)::bigint,"
+            f" SUM(cost_nusd)::bigint FROM usage_daily WHERE {where} GROUP BY day, model ORDER BY day, model", *params)
+        return [DayModelRow(*r) for r in rows]
+
+    async def last_request_at(self, user_ids: list[str]) -> dict[str, str]:
+        # One index probe per user (requests (user_id, day, id)), all in one round trip.
+        rows = await self.fetch(
+            "SELECT u, r.created_at FROM unnest($1::text[]) AS u CROSS JOIN LATERAL (SELECT created_at FROM requests"
+            " WHERE user_id = u ORDER BY day DESC, id DESC LIMIT 1) AS r", list(user_ids))
+        return dict(rows)
+
+    async def user_requests(self, *, user_id: str, limit: int, cursor: str | None) -> tuple[list, str | None]:
+        """Keyset pages by (day, id): request ids begin with their time, so within a day id order is time
+        order (across instances too); the cursor is "day,id"."""
+        from . import RequestListing  # a name of the port as merged with the dashboard
+
+        sql = ("SELECT day, id, created_at, model, endpoint, status, http_status, prompt_tokens, completion_tokens,"
+               " cost_nusd, latency_ms FROM requests WHERE user_id = $1")
+        params: list[Any] = [user_id]
+        if cursor is not None:
+            day, _, after = cursor.partition(",")
+            if len(day) != 10 or not _REQUEST_ID.fullmatch(after):
+                raise ValueError("not a cursor of this ledger")
+            sql += " AND (day, id) < ($2, $3)"
+            params += [day, after]
+        rows = await self.fetch(sql + f" ORDER BY day DESC, id DESC LIMIT ${len(params) + 1}", *params, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [RequestListing(*r[1:]) for r in rows], (f"{rows[-1][0]},{rows[-1][1]}" if more else None)
 
     # -- accounts ----------------------------------------------------------------------------------------------
 

@@ -113,7 +113,13 @@ def m003_instances() -> str:
     """
 
 
-MIGRATIONS = (m001_users_and_keys, m002_ledger, m003_instances)
+def m004_requests_by_user() -> str:
+    # The dashboard (issue #17) lists a user's requests newest first and finds each user's last one: one
+    # index range per user, (day, id) keyset pagination (request ids begin with their time).
+    return "CREATE INDEX idx_requests_user_day_id ON requests (user_id, day, id);"
+
+
+MIGRATIONS = (m001_users_and_keys, m002_ledger, m003_instances, m004_requests_by_user)
 
 
 async def apply(conn: Any) -> list[str]:
