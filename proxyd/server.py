@@ -119,6 +119,9 @@ def parse_config_limits(raw: dict[str, Any]) -> dict[str, Any]:
 
 def check_structures(config: Config) -> None:
     """Validates the dict-typed settings (limits, pricing); raises ConfigError naming the key."""
+    if config["admission.backend"] != "memory":
+        raise ConfigError("config: admission.backend redis is not part of this build (issue #16's Redis "
+                          "admission); use memory")
     parse_config_limits(config["limits"])
     PriceTable(config["pricing"], {u["name"]: u["pricing"] for u in config["upstreams"]})
     try:
@@ -155,9 +158,11 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     prices = PriceTable(config["pricing"], {u["name"]: u["pricing"] for u in config["upstreams"]})
     for warning in prices.check_start([*config["models"], *config_limits["models"]]):
         log.warning("%s", warning)
-    # One SQLite file holds both ports (proxyd/storage/): the Ledger and the AccountStore.
-    storage = SQLiteStorage(config["database.path"], synchronous=config["database.synchronous"],
-                            batch_max=config["database.batch_max"], clock=clock)
+    # One storage holds both ports (proxyd/storage/): the Ledger and the AccountStore.
+    storage = open_storage(config, clock)
+    if config["database.backend"] == "postgres" and config["admission.backend"] == "memory":
+        log.warning("database.backend postgres with admission.backend memory: limits are counted in this process, "
+                    "exact only while it is the only instance on this database (README 'Several instances')")
     storage.open()
     expired = storage.expire_stale_pending()
     if expired:
@@ -221,7 +226,27 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
                     models_refresh_s=config["upstream.models_refresh_s"])
     if metrics is not None:
         metrics.bind_upstreams(router)
-    return Context(config, storage, accounts, meter, tokens, upstream, images, metrics, router=router)
+    ctx = Context(config, storage, accounts, meter, tokens, upstream, images, metrics, router=router)
+    watch = getattr(storage, "watch", None)
+    if watch is not None:  # a store other instances change too (SharedAccountStore): follow their changes
+        async def changed(user_id: str | None) -> None:
+            for key_ids, make_error, reason in await accounts.refresh(user_id):
+                ctx.cut_off(make_error, reason, key_ids)
+
+        watch(changed)
+    return ctx
+
+
+def open_storage(config: Config, clock: Callable[[], float]) -> Any:
+    """The configured storage, not yet opened: the embedded SQLite file, or a PostgreSQL database."""
+    if config["database.backend"] == "postgres":
+        from .storage.postgres import PostgresStorage  # asyncpg loads only when configured
+
+        return PostgresStorage(config["database.dsn"], batch_max=config["database.batch_max"],
+                               write_wait_s=config["database.write_wait_s"],
+                               instance_stale_s=config["database.instance_stale_s"], clock=clock)
+    return SQLiteStorage(config["database.path"], synchronous=config["database.synchronous"],
+                         batch_max=config["database.batch_max"], clock=clock)
 
 
 class HealthHandler(BaseHandler):
@@ -247,7 +272,8 @@ class HealthHandler(BaseHandler):
             body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
                         ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings(),
                         upstreams=[{**b.state.as_json(), "url": b.upstream.base_url, "reachable": r[0], "detail": r[1]}
-                                   for b, r in zip(router.backends, results)])
+                                   for b, r in zip(router.backends, results)],
+                        ledger_unavailable=self.ctx.ledger.unavailable)  # a shared ledger down: requests get 503
         self.send_json(body, 200 if ok else 503)
 
 

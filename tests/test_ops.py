@@ -201,6 +201,7 @@ def test_healthz_is_503_when_degraded_and_shows_internals_only_to_the_admin(tmp_
         assert r.status_code == 503 and doc["status"] == "degraded" and doc["upstream"]["url"] == dead, doc
         assert doc["upstream"]["reachable"] is False and doc["upstream"]["detail"] and doc["upstream"]["kind"] == "ollama"
         assert doc["reservations_in_flight"] == 0 and doc["ledger_queue_depth"] == 0
+        assert doc["ledger_unavailable"] is False
         r = httpx.get(down.url + "/healthz", headers={"Authorization": "Bearer not-the-token"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error", r.text
     finally:
