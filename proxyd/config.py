@@ -91,6 +91,23 @@ SETTINGS: tuple[Setting, ...] = (
         "A request still running after this long gets a 'pending' ledger row (expired at the next start "
         "if the process dies); faster requests are written once, when they end. 0 = always write it.",
     ),
+    # -- admission (limits shared by several instances) -----------------------------------------
+    Setting(
+        "admission.backend",
+        str,
+        "memory",
+        "Where limits are counted: memory (this process; the default) or redis (shared by every proxyd "
+        "instance on admission.url: several instances enforce one set of limits exactly).",
+    ),
+    Setting("admission.url", str, None, "Redis URL for admission.backend redis (redis://host:6379/0).", optional=True),
+    Setting("admission.key_prefix", str, "proxyd:", "Prefix of every Redis key proxyd uses (one per deployment)."),
+    Setting(
+        "admission.lease_s",
+        float,
+        15.0,
+        "Reservations of an instance that stops renewing them (killed, partitioned) are released within "
+        "this long plus a third of it; each instance renews all of its own every lease_s / 3.",
+    ),
     # -- admin ---------------------------------------------------------------------------------
     Setting("admin.token", str, None, "Bearer token of the admin API (env PROXYD_ADMIN_TOKEN).", optional=True),
     Setting("admin.address", str, None, "Serve the admin API on its own address (with admin.port).", optional=True),
@@ -263,6 +280,13 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     if values["server.header_timeout_s"] <= 0:
         raise ConfigError("config: 'server.header_timeout_s' must be > 0")
     _check_networks("images.deny_networks", values["images.deny_networks"])
+    if values["admission.backend"] not in ("memory", "redis"):
+        raise ConfigError("config: 'admission.backend' must be memory or redis")
+    if values["admission.backend"] == "redis" and not str(values["admission.url"] or "").startswith(
+            ("redis://", "rediss://", "unix://")):
+        raise ConfigError("config: 'admission.url' must be a redis:// (or rediss://, unix://) URL with admission.backend redis")
+    if values["admission.lease_s"] < 1:
+        raise ConfigError("config: 'admission.lease_s' must be at least 1 (second)")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     if str(values["logging.level"]).upper() not in levels:
         raise ConfigError(f"config: 'logging.level' must be one of {', '.join(levels)}")

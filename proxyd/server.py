@@ -131,6 +131,17 @@ def check_structures(config: Config) -> None:
             raise ConfigError(f"config: models.{name}.template must be one of {sorted(TEMPLATES)}")
 
 
+def build_admission(config: Config, ledger: Ledger, clock: Callable[[], float]) -> Any:
+    """The Admission port: in memory (one process), or shared by several over Redis."""
+    per_key = config["server.max_connections_per_key"]
+    if config["admission.backend"] == "redis":
+        from .redis_admission import RedisAdmission  # redis-py loads only when configured
+
+        return RedisAdmission(config["admission.url"], ledger=ledger, connections_per_key=per_key,
+                              key_prefix=config["admission.key_prefix"], lease_s=config["admission.lease_s"])
+    return MemoryAdmission(Limiter(clock=clock), connections_per_key=per_key)
+
+
 def build_context(config: Config, *, clock: Callable[[], float] = time.time, image_resolver=None) -> Context:
     """Opens the storage (migrations, crash recovery) and builds every shared object. Synchronous."""
     # Imported here: Pillow and aiohttp load only when a proxy is actually built.
@@ -150,8 +161,7 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     accounts = Accounts(storage, clock=clock)
     accounts.load(lambda raw: parse_limits(raw, "stored limits", stored=True))
     metrics = Metrics(per_user_labels=config["metrics.per_user_labels"]) if config["metrics.enabled"] else None
-    limiter = Limiter(clock=clock)
-    admission = MemoryAdmission(limiter, connections_per_key=config["server.max_connections_per_key"])
+    admission = build_admission(config, storage, clock)
     meter = Meter(
         admission=admission,
         ledger=storage,
@@ -164,7 +174,7 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     meter.load_usage()
     if metrics is not None:
         metrics.bind(
-            in_flight=lambda: limiter.pending,
+            in_flight=lambda: admission.pending,
             queue_depth=lambda: storage.queue_depth,
             commit_s=lambda: storage.last_commit_s,
             commits=lambda: (storage.commits, storage.writes),
@@ -213,7 +223,7 @@ class HealthHandler(BaseHandler):
         body: dict[str, Any] = {"status": "ok" if ok else "degraded", "upstream": upstream}
         if admin:
             upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=detail)
-            body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
+            body.update(reservations_in_flight=self.ctx.meter.admission.pending,
                         ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings())
         self.send_json(body, 200 if ok else 503)
 
