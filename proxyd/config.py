@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         15.0,
         "Reservations of an instance that stops renewing them (killed, partitioned) are released within "
-        "this long plus a third of it; each instance renews all of its own every lease_s / 3.",
+        "this long plus one renewal interval; each instance renews all of its own every second (or lease_s / 3).",
     ),
     # -- admin ---------------------------------------------------------------------------------
     Setting("admin.token", str, None, "Bearer token of the admin API (env PROXYD_ADMIN_TOKEN).", optional=True),

@@ -206,8 +206,9 @@ end
 -- -------------------------------------------------------------------------------------------------------
 if op == 'reserve' or op == 'status' then
   -- ARGV: 3 rid, 4 instance, 5 lease us, 6 user, 7 model, 8 prompt, 9 completion, 10 default?, 11 min
-  -- completion, 12 13 input price (whole nano-USD per token, remainder), 14 15 output price, 16 on:
-  -- per limit: scope (0 all models, 1 model), metric (0 requests, 1 tokens, 2 cost), window, limit.
+  -- completion, 12 13 input price (whole nano-USD per token, remainder), 14 15 output price, 16 the limits,
+  -- each "scope metric window limit " (scope 0 all models, 1 the model; metric 0 requests, 1 tokens, 2 cost).
+  -- The answer is one string of space-separated fields (one reply to parse, not dozens).
   local epoch, at = ready_state()
   if not epoch then return {-1} end
   local us, sec = now_us()
@@ -217,9 +218,9 @@ if op == 'reserve' or op == 'status' then
   ih, il, oh, ol = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
   local dkey, mkey, dend, mend = calendar(sec)
   local checks, out = {}, {}
-  for i = 16, #ARGV, 4 do
-    local scope = ARGV[i] == '1' and model or '*'
-    local metric, window, limit = tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
+  for flag, m, window, l in string.gmatch(ARGV[16], '(%d) (%d) (%a+) (%d+)') do
+    local scope = flag == '1' and model or '*'
+    local metric, limit = tonumber(m), tonumber(l)
     local w = who(user, scope)
     local used, reserved, reset = 0, 0, -1
     if window == 'minute' then
@@ -240,10 +241,10 @@ if op == 'reserve' or op == 'status' then
     out[#out + 1] = string.format('%.0f', reserved)
     out[#out + 1] = string.format('%.0f', reset)
   end
-  local head = {us, dkey, mkey, dend, mend, epoch}
+  local head = {string.format('%.0f', us), dkey, mkey, dend, mend, epoch}
   if op == 'status' then
     for i = 1, #out do head[#head + 1] = out[i] end
-    return head
+    return table.concat(head, ' ')
   end
 
   -- 1. How many completion tokens fit every token and cost limit? (as Limiter.try_reserve)
@@ -303,7 +304,7 @@ if op == 'reserve' or op == 'status' then
     local r = {0, refused, string.format('%.0f', need), string.format('%.0f', free), budget and 1 or 0}
     for i = 1, #head do r[#r + 1] = head[i] end
     for i = 1, #out do r[#r + 1] = out[i] end
-    return r
+    return table.concat(r, ' ')
   end
 
   -- 3. Reserve against every window of both scopes (also those without a limit: a limit set later sees
@@ -327,7 +328,7 @@ if op == 'reserve' or op == 'status' then
   local r = {1, string.format('%.0f', c), string.format('%.0f', cost)}
   for i = 1, #head do r[#r + 1] = head[i] end
   for i = 1, #out do r[#r + 1] = out[i] end
-  return r
+  return table.concat(r, ' ')
 
 -- -------------------------------------------------------------------------------------------------------
 elseif op == 'settle' or op == 'void' then

@@ -7,9 +7,9 @@ by one Lua script (proxyd/redis_admission.lua) so that each operation is atomic 
   in one round trip, or none; a refusal comes back with what refused and the checks as they stood.
 - ``settle`` / ``void``: keyed by the hold's id and idempotent (a retry applies once). One that cannot
   reach Redis is kept and retried by the instance's renewal task: the ledger is not held up by Redis.
-- Leases: holds belong to an instance, whose one lease the renewal task extends every ``lease_s / 3``
-  for all its holds at once; a renewal also lapses the holds of instances whose lease ran out (a dead
-  instance's holds are released within ``lease_s`` plus one renewal interval of a live instance).
+- Leases: holds belong to an instance, whose one lease the renewal task extends every second (or
+  ``lease_s / 3``) for all its holds at once; a renewal also lapses the holds of instances whose lease
+  ran out (a dead instance's holds are released within ``lease_s`` plus one renewal interval).
 - Rebuild: the script refuses to work while the ``ready`` marker is missing (Redis restarted empty,
   flushed, or restarted from a snapshot: its run id changed). One instance (a lock taken with SET NX)
   then waits for ledger commits in progress, rebuilds the counters from the ledger (the source of
@@ -95,7 +95,9 @@ class RedisAdmission:
         self.prefix = key_prefix
         self.lease_s = lease_s
         self.lease_us = int(lease_s * 1_000_000)
-        self.renew_every = lease_s / 3
+        # Renewals are one small script call per instance, whatever its holds: every second (or lease_s / 3
+        # if shorter), so that a rebuild's recovery window, which must see every instance renew, stays short.
+        self.renew_every = min(lease_s / 3, 1.0)
         self.recover_us = int((self.renew_every + 0.5) * 1_000_000)  # every live instance renews (re-adopts) in it
         self.settle_grace_s = settle_grace_s
         self.instance = uuid.uuid4().hex[:16]
@@ -109,6 +111,7 @@ class RedisAdmission:
         self._ready_lock: asyncio.Lock | None = None
         self.clock = time.time  # the port's clock (refusal texts, x-ratelimit resets); limits use Redis's TIME
         self.rebuilds = 0  # this instance's, for tests and logs
+        self._packed: dict[tuple[int, int], tuple] = {}  # see _limit_args
 
     # -- the port ----------------------------------------------------------------------------------------
 
@@ -122,22 +125,19 @@ class RedisAdmission:
         if self._task is None:
             self._start()
         rid = f"{self.instance}.{next(self._ids)}"
-        specs, args = self._limit_args(user_limits, model_limits)
+        specs, packed = self._limit_args(user_limits, model_limits)
         ih, il = divmod(price[0], 1_000_000)
         oh, ol = divmod(price[1], 1_000_000)
-        argv = ["reserve", self.prefix, rid, self.instance, self.lease_us, user_id, model, prompt_tokens,
-                completion_tokens, 1 if completion_is_default else 0, min_completion_tokens, ih, il, oh, ol, *args]
-        r = await self._run(argv, wait_ready=True)
-        if r[0] == 1:
-            checks = self._checks(specs, model, r, 9)
-            completion, cost = int(r[1]), int(r[2])
-            hold = RedisHold(rid, user_id, model, prompt_tokens, completion, cost, int(r[3]) / 1e6, checks,
-                             _s(r[4]), _s(r[5]), _s(r[8]))
+        r = (await self._run(["reserve", self.prefix, rid, self.instance, self.lease_us, user_id, model, prompt_tokens,
+                              completion_tokens, 1 if completion_is_default else 0, min_completion_tokens, ih, il, oh,
+                              ol, packed], wait_ready=True)).split()
+        if r[0] == b"1":
+            hold = RedisHold(rid, user_id, model, prompt_tokens, int(r[1]), int(r[2]), int(r[3]) / 1e6,
+                             self._checks(specs, model, r, 9), r[4].decode(), r[5].decode(), r[8].decode())
             self.live[rid] = hold
             return hold
         checks = self._checks(specs, model, r, 11)
-        index, need, free, default_budget = int(r[1]) - 1, int(r[2]), int(r[3]), bool(r[4])
-        return _refusal(checks[index], int(r[5]) / 1e6, need, free / 1e6, checks, default_budget)
+        return _refusal(checks[int(r[1]) - 1], int(r[5]) / 1e6, int(r[2]), int(r[3]) / 1e6, checks, r[4] == b"1")
 
     async def settle(self, hold: RedisHold, prompt_tokens: int, completion_tokens: int, cost_nusd: int) -> None:
         self._end(hold, "settled")
@@ -151,11 +151,9 @@ class RedisAdmission:
     async def status(self, user_id: str, scope: str, limits: Limits, now: float) -> list[Check]:
         """The limits of one scope as Redis holds them (``/v1/limits``); ``now`` is Redis's, not ours."""
         model = "*" if scope == "*" else scope
-        specs, args = self._limit_args(limits if scope == "*" else {}, {} if scope == "*" else limits)
-        argv = ["status", self.prefix, "", self.instance, self.lease_us, user_id, model, 0, 0, 0, 0, 0, 0, 0, 0,
-                *args]
-        r = await self._run(argv, wait_ready=True)
-        return self._checks(specs, model, r, 6)
+        specs, packed = self._limit_args(limits if scope == "*" else {}, {} if scope == "*" else limits)
+        argv = ["status", self.prefix, "", self.instance, self.lease_us, user_id, model, 0, 0, 0, 0, 0, 0, 0, 0, packed]
+        return self._checks(specs, model, (await self._run(argv, wait_ready=True)).split(), 6)
 
     async def close(self) -> None:
         """Stops renewing (the holds lapse if any are left) after one last try at the unsent settles."""
@@ -183,7 +181,7 @@ class RedisAdmission:
                 r = await self.script(args=argv)
             except self.errors as exc:
                 raise _unavailable(f"redis {self.url}: {exc!r}") from None
-            if not isinstance(r, list) or r[0] >= 0 or not wait_ready:
+            if type(r) is bytes or not wait_ready:  # the answer (one string of fields)
                 return r
             if time.monotonic() > deadline:
                 raise _unavailable("the admission counters are being rebuilt")
@@ -192,22 +190,32 @@ class RedisAdmission:
             else:  # recovering: every instance re-enters its running holds before admissions resume
                 await asyncio.sleep(min(int(r[1]) / 1e6, 1.0))
 
-    def _limit_args(self, user_limits: Limits, model_limits: Limits) -> tuple[list, list]:
-        specs, args = [], []
+    def _limit_args(self, user_limits: Limits, model_limits: Limits) -> tuple[list, str]:
+        """The limits as the script takes them (one string), and what the checks it answers are. Cached
+        by the limits' identity: the meter hands the same dicts until the admin API replaces them."""
+        key = (id(user_limits), id(model_limits))
+        hit = self._packed.get(key)
+        if hit is not None and hit[0] is user_limits and hit[1] is model_limits:
+            return hit[2], hit[3]
+        specs, parts = [], []
         for flag, limits in ((0, user_limits), (1, model_limits)):
             for name, value in limits.items():
                 if value is None or name == "models":
                     continue
                 metric, window = LIMIT_FIELDS[name]
                 specs.append((flag, name, value, metric, window))
-                args += (flag, int(metric), window, value)
-        return specs, args
+                parts.append(f"{flag} {int(metric)} {window} {value} ")
+        packed = "".join(parts)
+        if len(self._packed) >= 10_000:  # model names come from clients: keep it bounded
+            self._packed.clear()
+        self._packed[key] = (user_limits, model_limits, specs, packed)  # holding them: no id is reused meanwhile
+        return specs, packed
 
     @staticmethod
     def _checks(specs: list, model: str, r: list, at: int) -> list[Check]:
         out = []
         for flag, name, value, metric, window in specs:
-            used, reserved, reset = int(r[at]), int(r[at + 1]), int(r[at + 2])
+            used, reserved, reset = int(r[at]), int(r[at + 1]), int(r[at + 2])  # int() reads bytes
             at += 3
             out.append(Check(model if flag else "*", name, value, used, reserved, None if reset < 0 else reset / 1e6,
                              metric, window))

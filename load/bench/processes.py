@@ -262,6 +262,9 @@ class Stack:
             doc = json.loads(cfg.read_text())
             doc["server"]["port"] = port
             doc["database"]["path"] = str(d / f"{name}-{label}.db")
+            extra = bench.candidate_config.get(name)
+            if extra:  # each stack its own key prefix
+                doc["admission"] = {**extra["admission"], "key_prefix": f"{extra['admission']['key_prefix']}{label}:"}
             cfg2.write_text(json.dumps(doc, indent=1))
             if bench.args.ledger_rows:
                 prefill_ledger(root, Path(doc["database"]["path"]), bench.args.ledger_rows)
