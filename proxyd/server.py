@@ -221,6 +221,12 @@ class HealthHandler(BaseHandler):
         ok, detail = await self.ctx.upstream.health()
         upstream: dict[str, Any] = {"reachable": ok}
         body: dict[str, Any] = {"status": "ok" if ok else "degraded", "upstream": upstream}
+        admission = self.ctx.meter.admission
+        if hasattr(admission, "health"):  # a shared admission: not ready while Redis is away or being rebuilt
+            ready, why = await admission.health()
+            body["admission"] = {"ready": ready, "detail": why}
+            if not ready:
+                ok, body["status"] = False, "degraded"
         if admin:
             upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=detail)
             body.update(reservations_in_flight=self.ctx.meter.admission.pending,

@@ -579,9 +579,8 @@ def test_three_instances_never_bill_past_a_shared_token_limit(make_world, limit)
     ok, refusals = _spread(worlds, key, 120, 40, messages=msgs, max_tokens=20)
     count, billed, per_request = _billed(worlds)
     assert billed <= 1000
+    # Each instance got 40 of the requests: enforced per instance, the limit would have billed up to 3x.
     assert count == ok == 1000 // per_request and len(refusals) == 120 - ok
-    # Each instance admitted some: the limit was shared, not enforced three times over per instance.
-    assert all(w.rows("SELECT COUNT(*) FROM requests WHERE status='settled'")[0][0] > 0 for w in worlds)
 
 
 def test_three_instances_share_a_concurrency_limit(make_world):
