@@ -4,6 +4,7 @@
     python app.py --demo               # no Ollama? serve in front of the bundled Ollama emulator
     python app.py --print-settings     # every config key with its type, default and help
     python app.py --check-ledger       # aggregates == sum of request rows? (exit 1 if not)
+    python app.py --workers 4          # 4 processes on one port (needs PostgreSQL and Redis: see README)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import secrets
 import signal
 import sys
+import time
+from urllib.parse import urlsplit
 
 from proxyd.config import ConfigError, describe, load_config
 from proxyd.connections import ADMIN_MAX_CONNECTIONS, ProxydHTTPServer, connection_cap, raise_open_file_limit
@@ -55,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--demo", action="store_true", help="run against the bundled Ollama emulator")
     p.add_argument("--print-settings", action="store_true", help="list every config key and exit")
     p.add_argument("--check-ledger", action="store_true", help="check ledger consistency and exit")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes serving one port (SO_REUSEPORT); more than 1 needs database.backend postgres "
+                        "and admission.backend redis")
     return p.parse_args(argv)
 
 
@@ -62,7 +68,15 @@ class StartupError(Exception):
     """A start that cannot go on (ledger cannot be opened, port taken): one line on stderr, exit 1."""
 
 
-async def serve(config, *, demo: bool = False) -> int:
+def ledger_name(config) -> str:
+    """Where the ledger is, for messages: the SQLite path, or PostgreSQL's host and database (no password)."""
+    if config["database.backend"] == "postgres":
+        dsn = urlsplit(config["database.dsn"] or "")
+        return f"postgresql://{dsn.hostname or 'localhost'}:{dsn.port or 5432}{dsn.path}"
+    return config["database.path"]
+
+
+async def serve(config, *, demo: bool = False, reuse_port: bool = False) -> int:
     loop = asyncio.get_running_loop()
     _, open_files = raise_open_file_limit()
     emulator_server = None
@@ -76,12 +90,16 @@ async def serve(config, *, demo: bool = False) -> int:
         # A ledger of its own, beside the configured one: emulated usage and the demo user's keys must
         # never land in the real ledger (where the keys would work in front of the real Ollama).
         config["database.path"] = os.path.join(os.path.dirname(config["database.path"]) or ".", "proxyd-demo.db")
+        config["database.backend"] = "sqlite"
 
     try:
         ctx = build_context(config)
     except (StorageError, OSError) as exc:
         if emulator_server is not None:
             emulator_server.stop()
+        if config["database.backend"] == "postgres":
+            raise StartupError(f"cannot open the ledger at {ledger_name(config)}: {exc} (is PostgreSQL up and "
+                               "database.dsn / PROXYD_DATABASE_DSN right?)") from None
         path = config["database.path"]
         raise StartupError(f"cannot open the ledger at {path}: {exc} (does its directory exist and is it writable? "
                            "set database.path or PROXYD_DB)") from None
@@ -123,7 +141,7 @@ async def serve(config, *, demo: bool = False) -> int:
                           config["admin.port"], config["admin.address"] or "127.0.0.1", "admin.port"))
     for server, port, address, key in listening:
         try:
-            server.listen(port, address=address)
+            server.listen(port, address=address, reuse_port=reuse_port)
         except OSError as exc:
             for s in servers:
                 s.stop()
@@ -135,7 +153,7 @@ async def serve(config, *, demo: bool = False) -> int:
         log.info("admin API on http://%s:%d", config["admin.address"] or "127.0.0.1", config["admin.port"])
 
     log.info("proxyd listening on http://%s:%d, upstream %s, ledger %s",
-             config["server.address"], config["server.port"], config["upstream.url"], config["database.path"])
+             config["server.address"], config["server.port"], config["upstream.url"], ledger_name(config))
     if not config["admin.token"]:
         log.warning("no admin token set (PROXYD_ADMIN_TOKEN or admin.token): the admin API answers 401 to everyone")
     ok, detail = await ctx.upstream.health()
@@ -204,14 +222,102 @@ async def _close(ctx, emulator_server) -> None:
 def check_ledger(config) -> int:
     from proxyd.storage.sqlite import check_file
 
-    path = config["database.path"]
+    path = ledger_name(config)
     try:  # read-only: a mistyped path must not leave an empty database behind
-        result = check_file(path)
+        if config["database.backend"] == "postgres":
+            from proxyd.storage.postgres import check_dsn
+
+            result = check_dsn(config["database.dsn"])
+        else:
+            result = check_file(path)
     except StorageError as exc:
         print(f"proxyd: cannot check the ledger at {path}: {exc} (is database.path / PROXYD_DB right?)", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
+
+
+def workers_refusal(config, workers: int, demo: bool = False) -> str | None:
+    """Why ``--workers N`` cannot run with this config, or None. Each process keeps its own in-memory state
+    unless it lives in a shared service, so N > 1 needs both shared backends."""
+    if workers <= 1:
+        return None
+    if demo:
+        return "--demo runs one process (its ledger is a SQLite file of its own); drop --workers"
+    if config["database.backend"] != "postgres":
+        return ("--workers N > 1 needs database.backend: postgres. The embedded SQLite ledger is one file written "
+                "by one process, and each process would hold its own copy of the users and keys (a key revoked "
+                "through one would still work on the others). Run one process, or see README 'Several instances'.")
+    if config["admission.backend"] != "redis":
+        return ("--workers N > 1 needs admission.backend: redis. With the in-memory admission each process counts "
+                "limits on its own, so every limit (per minute, concurrency, day, month, total) would let through "
+                "up to N times its value. See README 'Several instances'.")
+    if not config["server.port"]:
+        return "--workers N > 1 needs a fixed server.port (with port 0 each process would get a port of its own)"
+    return None
+
+
+def run_workers(config, workers: int) -> int:
+    """N processes on one port (SO_REUSEPORT: the kernel spreads connections over them), each with its own
+    loop, ledger writer task and LISTEN connection. The parent only supervises: it forwards SIGTERM/SIGINT,
+    restarts a worker killed by a signal (kill -9, the OOM killer), and stops everything when one fails to
+    start (exit code > 0: a second try would fail the same way)."""
+    children: dict[int, int] = {}  # pid -> worker number
+    stopping = False
+
+    def spawn(n: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: nothing of the parent's runs here (no loop was made before the fork)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                log.info("worker %d (pid %d) starting", n, os.getpid())
+                code = asyncio.run(serve(config, reuse_port=True))
+            except StartupError as exc:
+                print(f"proxyd worker {n}: {exc}", file=sys.stderr)
+            except BaseException:
+                log.exception("worker %d failed", n)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = n
+
+    def forward(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for n in range(workers):
+        spawn(n)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("supervising %d workers on port %d", workers, config["server.port"])
+    worst = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        n = children.pop(pid, None)
+        if n is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            worst = max(worst, code if code > 0 else 0)
+        elif code < 0:
+            log.error("worker %d (pid %d) killed by signal %d; starting a new one", n, pid, -code)
+            time.sleep(0.2)
+            spawn(n)
+        else:
+            log.error("worker %d (pid %d) exited with %d; stopping the others", n, pid, code)
+            worst = max(worst, code or 1)
+            forward(signal.SIGTERM, None)
+    return worst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(config["logging.level"].upper())
     if args.check_ledger:
         return check_ledger(config)
+    refusal = workers_refusal(config, args.workers, args.demo)
+    if refusal:
+        print(f"proxyd: {refusal}", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        return run_workers(config, args.workers)
     try:
         return asyncio.run(serve(config, demo=args.demo))
     except StartupError as exc:

@@ -39,7 +39,7 @@ def row(request_id: str) -> tuple:
     # A settled chat request, as Meter writes it (the values only set the row's size).
     return (request_id, "bench", "key_0123456789ab", "llama3.2:1b", "chat.completions", 0, "settled", "2026-11-26",
             "2026-11-26T11:00:00.000Z", 26, 32, 200, "2026-11-26T11:00:00.010Z", 10, 26, 13, "reported", 20000,
-            50000, 1170, None)
+            50000, 1170, None, "default", 1)
 
 
 def ledger(path: Path) -> sqlite3.Connection:
@@ -61,7 +61,7 @@ def measure(directory: Path, kind: str, prefill: int, rows: int, batch: int) -> 
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     max_params = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     todo = [row(make_id()) for _ in range(rows)]
-    daily = ("bench", "llama3.2:1b", "2026-11-26", 20000, 50000, 1, 26, 13, 1170)  # as Meter.settle writes it
+    daily = ("bench", "llama3.2:1b", "2026-11-26", "chat.completions", "default", 20000, 50000, 1, 26, 13, 1170)  # as settle
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for i in range(0, rows, batch):
         chunk = todo[i:i + batch]

@@ -6,7 +6,8 @@ right tool for high-entropy secrets (a slow password hash would only cost CPU on
 
 The whole table lives in memory, loaded at start and changed only through this class, which writes
 through the AccountStore (proxyd/storage/) first and updates memory after the commit: authenticating a
-request is a dict lookup, never a query. (One process owns the database; see docs/DESIGN.md on workers.)
+request is a dict lookup, never a query. With a shared store (PostgreSQL) other instances change users and
+keys too: ``refresh`` reloads what they changed when told (docs/DESIGN.md "Several instances").
 Every time stamped here comes from the injected clock.
 """
 
@@ -57,9 +58,11 @@ class Accounts:
         self.users: dict[str, User] = {}
         self.keys: dict[str, KeyRow] = {}  # key_id -> row
         self._by_hash: dict[str, str] = {}  # sha256 -> key_id, live keys only
+        self._claimed: set[str] = set()  # user ids being created here, not yet committed
 
     def load(self, parse_overrides) -> None:
         """Start-up: reads users and keys into memory. ``parse_overrides`` validates stored limits."""
+        self._parse_overrides = parse_overrides
         users, keys = self.store.load()
         for u in users:
             self.users[u.user_id] = User(u.user_id, u.created_at, u.disabled, parse_overrides(u.limits or {}))
@@ -102,11 +105,15 @@ class Accounts:
         key, key_id = new_key(), _key_id()
         row = KeyRow(key_id, user_id, key[:14], now, hash_key(key))
         self.users[user_id] = user = User(user_id, now, False, overrides)  # claim the id before awaiting
+        self._claimed.add(user_id)
         try:
             await self.store.insert_user(UserRecord(user_id, now, False, overrides_raw), row)
         except Exception:
-            del self.users[user_id]
+            if self.users.get(user_id) is user:  # not replaced by another instance's user of that id (refresh)
+                del self.users[user_id]
             raise
+        finally:
+            self._claimed.discard(user_id)
         self._remember(row)
         return user, key, key_id
 
@@ -142,6 +149,41 @@ class Accounts:
         await self.store.set_limits(user_id, overrides_raw)
         user.overrides = overrides
         return user
+
+    # -- changes made by other instances (a shared store) --------------------------------------------------------
+
+    async def refresh(self, user_id: str | None) -> list[tuple[list[str], Callable[[], Exception], str]]:
+        """Reloads one user and its keys (None: everyone) from the store after another instance changed them.
+        Returns what must be cut off here as ``Context.cut_off`` takes it: (key ids, error factory, reason)
+        for each key revoked and each user disabled since memory last saw them."""
+        users, keys = await self.store.fetch_accounts(user_id)
+        cut: list[tuple[list[str], Callable[[], Exception], str]] = []
+        disabled: list[str] = []
+        for rec in users:
+            user = self.users.get(rec.user_id)
+            overrides = self._parse_overrides(rec.limits or {})
+            if user is None or rec.user_id in self._claimed:  # new, or created by another instance first
+                self.users[rec.user_id] = User(rec.user_id, rec.created_at, rec.disabled, overrides)
+                continue
+            if rec.disabled and not user.disabled:
+                disabled.append(rec.user_id)
+            user.disabled = rec.disabled
+            if overrides != user.overrides:  # a new object only when changed: the meter caches by identity
+                user.overrides = overrides
+        for row in keys:
+            old = self.keys.get(row.key_id)
+            if old is not None and old.revoked_at is None and row.revoked_at is not None:
+                cut.append(([row.key_id], lambda: AuthError("This API key was revoked."), "key_revoked"))
+            if old is not None:
+                self._by_hash.pop(old.key_hash, None)
+            self.keys[row.key_id] = row
+            if row.revoked_at is None:
+                self._by_hash[row.key_hash] = row.key_id
+        for uid in disabled:
+            cut.append(([k.key_id for k in self.keys_of(uid)],
+                        lambda uid=uid: PermissionDenied(f"User {uid} is disabled.", code="user_disabled"),
+                        "user_disabled"))
+        return cut
 
     def keys_of(self, user_id: str) -> list[KeyRow]:
         return [k for k in self.keys.values() if k.user_id == user_id]

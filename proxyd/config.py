@@ -91,13 +91,36 @@ SETTINGS: tuple[Setting, ...] = (
         "A request still running after this long gets a 'pending' ledger row (expired at the next start "
         "if the process dies); faster requests are written once, when they end. 0 = always write it.",
     ),
+    Setting(
+        "database.backend",
+        str,
+        "sqlite",
+        "sqlite (the embedded ledger at database.path, one process) or postgres (database.dsn: one ledger and "
+        "one set of users and keys shared by several proxyd instances; see README 'Several instances').",
+    ),
+    Setting("database.dsn", str, None, "PostgreSQL DSN (postgresql://user@host:5432/db) when backend is postgres "
+            "(env PROXYD_DATABASE_DSN).", optional=True),
+    Setting(
+        "database.write_wait_s",
+        float,
+        5.0,
+        "postgres: how long a ledger write waits for PostgreSQL to come back before its request fails with "
+        "503 (Retry-After); while it is unreachable new requests are refused at once with the same 503.",
+    ),
+    Setting(
+        "database.instance_stale_s",
+        float,
+        30.0,
+        "postgres: an instance whose heartbeat (every instance_stale_s / 6) is older than this is dead: its "
+        "'pending' ledger rows are expired by the live instances. Rows of live instances are never touched.",
+    ),
     # -- admission (limits shared by several instances) -----------------------------------------
     Setting(
         "admission.backend",
         str,
         "memory",
-        "Where limits are counted: memory (this process; the default) or redis (shared by every proxyd "
-        "instance on admission.url: several instances enforce one set of limits exactly).",
+        "Where limits are counted and reserved: memory (this process; exact for one process; the default) or "
+        "redis (admission.url: shared by every instance, exact across them). --workers N > 1 needs redis.",
     ),
     Setting("admission.url", str, None, "Redis URL for admission.backend redis (redis://host:6379/0).", optional=True),
     Setting("admission.key_prefix", str, "proxyd:", "Prefix of every Redis key proxyd uses (one per deployment)."),
@@ -192,6 +215,7 @@ ENV_OVERRIDES = {
     "PROXYD_PORT": ("server.port", int),
     "PROXYD_UPSTREAM": ("upstream.url", str),
     "PROXYD_DB": ("database.path", str),
+    "PROXYD_DATABASE_DSN": ("database.dsn", str),
     "PROXYD_ADMIN_TOKEN": ("admin.token", str),
 }
 
@@ -275,6 +299,10 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         values[key] = _check_type(BY_KEY[key], value)
     if values["database.synchronous"].upper() not in ("NORMAL", "FULL"):
         raise ConfigError("config: 'database.synchronous' must be NORMAL or FULL")
+    if values["database.backend"] not in ("sqlite", "postgres"):
+        raise ConfigError("config: 'database.backend' must be sqlite or postgres")
+    if values["database.backend"] == "postgres" and not values["database.dsn"]:
+        raise ConfigError("config: database.backend postgres needs 'database.dsn' (postgresql://user@host:5432/db)")
     if values["server.max_connections"] < 1:
         raise ConfigError("config: 'server.max_connections' must be at least 1")
     if values["server.header_timeout_s"] <= 0:

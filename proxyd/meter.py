@@ -32,6 +32,7 @@ from typing import Any
 
 from .accounts import Caller, User
 from .admission import Admission, Refusal
+from .errors import ServiceUnavailable
 from .limits import Hold, Limits, SlidingMinute
 from .limitspec import merge
 from .periods import day_key, month_key
@@ -138,6 +139,9 @@ class Meter:
         request_id: str,
     ) -> Ticket | Refusal:
         """Reserves every limit of the request at once, or returns the admission's Refusal."""
+        if self.ledger.unavailable:  # a shared ledger down: refuse now rather than fail the settle later
+            raise ServiceUnavailable("The ledger database is unreachable: the request was not run and is not "
+                                     "billed. Retry shortly.", headers={"Retry-After": "2"})
         user_limits, model_limits = self._split(caller.user, model)
         hold = await self.admission.reserve(
             user_id=caller.user.user_id,

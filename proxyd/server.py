@@ -151,9 +151,11 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     prices = PriceTable(config["pricing"])
     for warning in prices.check_start([*config["models"], *config_limits["models"]]):
         log.warning("%s", warning)
-    # One SQLite file holds both ports (proxyd/storage/): the Ledger and the AccountStore.
-    storage = SQLiteStorage(config["database.path"], synchronous=config["database.synchronous"],
-                            batch_max=config["database.batch_max"], clock=clock)
+    # One storage holds both ports (proxyd/storage/): the Ledger and the AccountStore.
+    storage = open_storage(config, clock)
+    if config["database.backend"] == "postgres" and config["admission.backend"] == "memory":
+        log.warning("database.backend postgres with admission.backend memory: limits are counted in this process, "
+                    "exact only while it is the only instance on this database (README 'Several instances')")
     storage.open()
     expired = storage.expire_stale_pending()
     if expired:
@@ -205,7 +207,27 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     )
     images = ImageInliner(policy, resolver=image_resolver)
     router = Router([OllamaBackend(upstream, images)])
-    return Context(config, storage, accounts, meter, tokens, upstream, images, metrics, router=router)
+    ctx = Context(config, storage, accounts, meter, tokens, upstream, images, metrics, router=router)
+    watch = getattr(storage, "watch", None)
+    if watch is not None:  # a store other instances change too (SharedAccountStore): follow their changes
+        async def changed(user_id: str | None) -> None:
+            for key_ids, make_error, reason in await accounts.refresh(user_id):
+                ctx.cut_off(make_error, reason, key_ids)
+
+        watch(changed)
+    return ctx
+
+
+def open_storage(config: Config, clock: Callable[[], float]) -> Any:
+    """The configured storage, not yet opened: the embedded SQLite file, or a PostgreSQL database."""
+    if config["database.backend"] == "postgres":
+        from .storage.postgres import PostgresStorage  # asyncpg loads only when configured
+
+        return PostgresStorage(config["database.dsn"], batch_max=config["database.batch_max"],
+                               write_wait_s=config["database.write_wait_s"],
+                               instance_stale_s=config["database.instance_stale_s"], clock=clock)
+    return SQLiteStorage(config["database.path"], synchronous=config["database.synchronous"],
+                         batch_max=config["database.batch_max"], clock=clock)
 
 
 class HealthHandler(BaseHandler):

@@ -141,8 +141,25 @@ class Harness:
 
     # -- ledger views ---------------------------------------------------------------------------------------------
 
+    @property
+    def postgres(self) -> bool:
+        return self.config["database.backend"] == "postgres"
+
     def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """A query's rows; SQL with ? placeholders, on either backend (numbered $n for PostgreSQL)."""
+        if self.postgres:
+            return self.call(self.ctx.ledger.fetch(_numbered(sql), *params))
         return self.call(self.ctx.ledger.read(lambda c: [tuple(r) for r in c.execute(sql, params).fetchall()]))
+
+    def execute(self, sql: str, params: tuple = ()) -> None:
+        """A write outside the ledger's ports (a test's setup: a row a crash would leave), on either backend."""
+        async def run() -> None:
+            if self.postgres:
+                await self.ctx.ledger.execute(_numbered(sql), *params)
+            else:
+                await self.ctx.ledger.submit_sql(sql, params)  # on the loop: submit uses the running one
+
+        self.call(run())
 
     def settle_all(self) -> None:
         """Waits until every queued ledger write is committed and nothing is reserved."""
@@ -154,3 +171,9 @@ class Harness:
         raise AssertionError(
             f"not idle: queue {self.ctx.ledger.queue_depth}, pending {self.ctx.meter.admission.pending}"
         )
+
+
+def _numbered(sql: str) -> str:
+    """? placeholders as PostgreSQL's $1, $2, ..."""
+    parts = sql.split("?")
+    return "".join(p + (f"${i + 1}" if i < len(parts) - 1 else "") for i, p in enumerate(parts))

@@ -39,3 +39,33 @@ def need_postgres() -> str:
 def need_redis() -> str:
     need("Redis", REDIS_URL, 6379)
     return REDIS_URL
+
+
+def _admin(dsn: str, sql: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def postgres_database():
+    """A generator (for a fixture): a new empty database proxyd_test_<random> on the test server, its DSN
+    yielded, dropped afterwards (WITH (FORCE): connections a test left open do not keep it)."""
+    import secrets
+
+    dsn = need_postgres()
+    name = "proxyd_test_" + secrets.token_hex(6)
+    _admin(dsn, f"CREATE DATABASE {name}")
+    parts = urlsplit(dsn)
+    try:
+        yield parts._replace(path="/" + name).geturl()
+    finally:
+        _admin(dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -13,8 +13,8 @@ MSG = [{"role": "user", "content": "Hi"}]
 NOON = calendar.timegm((2031, 2, 15, 12, 0, 0))  # a Saturday; years from any date the suite runs on
 
 
-def test_ledger_rows_usage_and_invoices_follow_the_injected_clock(tmp_path):
-    world = Harness(str(tmp_path / "ledger.db"))
+def test_ledger_rows_usage_and_invoices_follow_the_injected_clock(tmp_path, backend_config):
+    world = Harness(str(tmp_path / "ledger.db"), config=backend_config)
     world.clock.offset = NOON - time.time()  # the fake clock reads 2031-02-15T12:00:00Z from here on
     world.start()
     try:
@@ -52,13 +52,9 @@ def test_ledger_rows_usage_and_invoices_follow_the_injected_clock(tmp_path):
         assert [(i["user_id"], i["status"]) for i in r.json()["data"]] == [("alice", "closed")]
 
         # A row a crash left pending is expired at the next start, stamped by the clock too.
-        async def crashed() -> None:
-            await world.ctx.ledger.submit_sql(
-                "INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at)"
-                " VALUES ('req_crashed', 'alice', 'k', 'llama3.2:1b', 'chat.completions', 0, 'pending',"
-                " '2031-03-02', '2031-03-02T12:00:00.000Z')")
-
-        world.call(crashed())
+        world.execute("INSERT INTO requests (id, user_id, key_id, model, endpoint, stream, status, day, created_at)"
+                      " VALUES ('req_crashed', 'alice', 'k', 'llama3.2:1b', 'chat.completions', 0, 'pending',"
+                      " '2031-03-02', '2031-03-02T12:00:00.000Z')")
         world.restart()
         [(status, finished)] = world.rows("SELECT status, finished_at FROM requests WHERE id = 'req_crashed'")
         assert status == "expired" and finished.startswith("2031-03-02T12:")

@@ -691,7 +691,7 @@ def test_made_up_model_names_leave_no_state_behind(world):
     scopes = {k[1] for k in lim.buckets} | {k[1] for k in lim.minutes} | {k[1] for k in lim.concurrent}
     assert scopes == {"*", "llama3.2:1b"}, scopes
     world.settle_all()
-    assert world.rows("SELECT status, COUNT(*) FROM requests GROUP BY status") == [("settled", 1), ("voided", 30)]
+    assert world.rows("SELECT status, COUNT(*) FROM requests GROUP BY status ORDER BY status") == [("settled", 1), ("voided", 30)]
 
 
 def test_every_spelling_ollama_serves_as_one_model_is_metered_as_that_model(make_world):

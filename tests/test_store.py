@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from proxyd.storage.sqlite_writer import Additive, Upsert, run_groups
 
 
@@ -84,20 +86,24 @@ def test_a_ledger_scan_does_not_hold_up_reads(tmp_path):
     asyncio.run(go())
 
 
-def test_sqlite_storage_has_every_member_of_both_ports_with_their_parameters():
-    # Protocols are not checked at run time: this keeps the one implementation and the ports from drifting.
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_each_storage_has_every_member_of_both_ports_with_their_parameters(backend):
+    # Protocols are not checked at run time: this keeps the implementations and the ports from drifting.
     import inspect
 
-    from proxyd.storage import AccountStore, Ledger
+    from proxyd.storage import AccountStore, Ledger, SharedAccountStore
+    from proxyd.storage.postgres import PostgresStorage
     from proxyd.storage.sqlite import SQLiteStorage
 
-    store = SQLiteStorage(":memory:")
-    for port in (Ledger, AccountStore):
+    cls = SQLiteStorage if backend == "sqlite" else PostgresStorage
+    store = cls(":memory:" if backend == "sqlite" else "postgresql://unused/db")  # built, never opened
+    ports = (Ledger, AccountStore) if backend == "sqlite" else (Ledger, AccountStore, SharedAccountStore)
+    for port in ports:
         for name in port.__annotations__:
             assert hasattr(store, name), f"{port.__name__}.{name}"
         for name, member in vars(port).items():
             if inspect.isfunction(member) and not name.startswith("_"):
-                impl = getattr(SQLiteStorage, name, None)
+                impl = getattr(cls, name, None)
                 assert impl is not None, f"{port.__name__}.{name}"
                 assert inspect.iscoroutinefunction(impl) == inspect.iscoroutinefunction(member), name
                 assert list(inspect.signature(impl).parameters) == list(inspect.signature(member).parameters), name

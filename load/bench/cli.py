@@ -52,6 +52,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers-ceiling", metavar="N", type=int, default=0,
                    help="throughput: also N proxy processes sharing the port without coordination (load.ceiling: "
                         "limits not shared, so the most N workers could give) and N forwarders")
+    p.add_argument("--postgres", metavar="DSN",
+                   help="throughput: also the proxy on a PostgreSQL ledger (database.backend postgres; a database "
+                        "of its own, created on DSN's server and dropped after), target 'proxy-pg', against the "
+                        "embedded default ('proxy')")
+    p.add_argument("--pg-workers", metavar="N", type=int, default=0,
+                   help="with --postgres: also 'app.py --workers N' on that database, target 'proxy-pg-xN' "
+                        "(needs --admission-url: N > 1 workers refuse the in-memory admission)")
+    p.add_argument("--admission-url", metavar="URL",
+                   help="with --postgres: the PostgreSQL targets use admission.backend redis at URL")
     p.add_argument("--profile", metavar="PATH",
                    help="after the throughput phase, one more proxy run under py-spy: collapsed stacks to PATH, "
                         "top functions into the results")
@@ -81,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name} must be in [{lo}, {hi}]")
     if not 1 <= a.rounds <= 50 or not 1 <= a.concurrency <= 2000:
         p.error("--rounds in [1, 50], --concurrency in [1, 2000]")
+    if (a.pg_workers or a.admission_url) and not a.postgres:
+        p.error("--pg-workers and --admission-url go with --postgres")
     a.phase_list = phases
     return a
 

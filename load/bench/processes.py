@@ -294,6 +294,25 @@ class Stack:
                                                             str(self.ports[fname]), "--upstream", self.emu_url,
                                                             "--log-level", "WARNING"], d, env)
 
+        # --postgres DSN: the same proxy on a PostgreSQL ledger; --pg-workers N: N processes on it (issue #16).
+        self.shared: dict[str, Proc] = {}
+        if bench.args.postgres and label == "instant":  # the throughput phase's stack
+            self.pg_dsn = bench.pg_database(label)
+            doc = json.loads(cfg.read_text())
+            doc["database"] = {"backend": "postgres", "dsn": self.pg_dsn}
+            if bench.args.admission_url:
+                # A prefix of this run's own: counters left in Redis by an earlier run (another database) are not read.
+                doc["admission"] = {"backend": "redis", "url": bench.args.admission_url,
+                                    "key_prefix": f"proxyd-bench:{os.getpid()}:pg:"}
+            shared = [("proxy-pg", [])]
+            if bench.args.pg_workers > 1:
+                shared.append((f"proxy-pg-x{bench.args.pg_workers}", ["--workers", str(bench.args.pg_workers)]))
+            for name, extra in shared:
+                self.ports[name] = doc["server"]["port"] = free_port()
+                cfg4 = d / f"{name}-{label}.yaml"
+                cfg4.write_text(json.dumps(doc, indent=1))
+                self.shared[name] = Proc(f"{name}-{label}", [PY, "app.py", "--config", str(cfg4), *extra], d, env)
+
     def key(self, target: str) -> str | None:
         """The bench user's key on a proxy target (the others ignore the header; it is sent all the same)."""
         return self.keys.get(target) or self.keys.get("proxy")
@@ -307,7 +326,7 @@ class Stack:
 
     def process(self, target: str) -> Proc:
         return {"proxy": self.proxy, "forwarder": self.forwarder, "emulator": self.emulator, **self.candidates,
-                **self.workers}[target]
+                **self.workers, **self.shared}[target]
 
     def ready(self) -> None:
         wait_ready(self.emulator, self.emu_url + "/")
@@ -323,6 +342,11 @@ class Stack:
                 self.keys[name] = self.ceiling_key.read_text().strip()
             else:
                 wait_ready(proc, self.url(name) + "/")
+        for name, proc in self.shared.items():  # one database: the first creates the user, all know the key
+            wait_ready(proc, self.url(name) + "/healthz")
+            if "proxy-pg" not in self.keys:
+                self.keys["proxy-pg"] = self.create_user("bench", GENEROUS, target=name)
+            self.keys[name] = self.keys["proxy-pg"]
 
     def create_user(self, user_id: str, limits: dict[str, Any], target: str = "proxy") -> str:
         status, doc = http("POST", self.url(target) + "/admin/users", {"user_id": user_id, "limits": limits},
@@ -332,4 +356,5 @@ class Stack:
         return doc["api_key"]
 
     def procs(self) -> list[Proc]:
-        return [self.emulator, self.proxy, self.forwarder] + list(self.candidates.values()) + list(self.workers.values())
+        return ([self.emulator, self.proxy, self.forwarder] + list(self.candidates.values()) + list(self.workers.values())
+                + list(self.shared.values()))

@@ -143,6 +143,10 @@ def report(res: dict[str, Any]) -> str:
             out.append(f"N={w['workers']} (uncoordinated ceiling): proxy rps x{fmt(w['proxy_rps_vs_one'], 2)} of N=1, "
                        f"forwarder x{fmt(w['forwarder_rps_vs_one'], 2)}; proxy/forwarder at N={w['workers']} "
                        f"{fmt(w['ratio_proxy_forwarder'], 3)}, vs the one-process forwarder {fmt(w['ratio_proxy_vs_one_forwarder'], 3)}")
+        for name, g in (t.get("postgres") or {}).items():
+            out.append(f"{name}: rps vs the embedded default x{fmt(g['rps_vs_proxy'], 3)} (target >= 0.8 for one "
+                       f"instance), p50 {fmt(g['p50_delta_ms'])} ms more, proxy CPU per request "
+                       f"x{fmt(g['cpu_ratio_proxy'], 3)} (PostgreSQL's own CPU counts as foreign cores)")
         out.append(f"p99 proxy - forwarder {fmt(t['p99_delta_ms'])} ms (target <= {TARGETS['p99_delta_max_ms']}: "
                    f"{verdict(None if t['p99_delta_ms'] is None else t['p99_delta_ms'] <= TARGETS['p99_delta_max_ms'])}); CPU per request proxy/forwarder "
                    f"{fmt(t['cpu_ratio_proxy_forwarder'])}x")

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .processes import ADMIN_TOKEN, PY, ROOT, Stack, children_cpu, die_with_parent, http, machine_cpu, pid_cpu
 from .report import TARGETS
@@ -34,6 +35,18 @@ def ledger_counters(url: str) -> tuple[float, float] | None:
     return float(found["commits"]), float(found["writes"])
 
 
+def pg_admin(dsn: str, sql: str) -> None:
+    """One statement on --postgres's server (CREATE/DROP DATABASE), in a process of its own: the bench
+    itself imports no database driver."""
+    code = ("import asyncio, sys, asyncpg\n"
+            "async def run():\n"
+            "    c = await asyncpg.connect(sys.argv[1], timeout=10)\n"
+            "    try:\n        await c.execute(sys.argv[2])\n"
+            "    finally:\n        await c.close()\n"
+            "asyncio.run(run())\n")
+    subprocess.run([PY, "-c", code, dsn, sql], check=True, timeout=60)
+
+
 class Bench:
     """One run: its arguments, temp directory, stacks of servers, the load generator and the results
     the phases fill in."""
@@ -42,6 +55,7 @@ class Bench:
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="proxyd-bench-"))
         self.stacks: dict[str, Stack] = {}
+        self.pg_databases: list[str] = []  # --postgres: created for the run, dropped at close
         self.candidates = {f"cand:{Path(d).resolve().name}": Path(d).resolve() for d in args.candidate}
         for root in self.candidates.values():
             if not (root / "app.py").exists():
@@ -86,6 +100,16 @@ class Bench:
         for st in self.stacks.values():
             for p in st.procs()[::-1]:
                 p.stop()
+        for name in self.pg_databases:
+            pg_admin(self.args.postgres, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def pg_database(self, label: str) -> str:
+        """A new database on --postgres's server for one stack's PostgreSQL targets; its DSN."""
+        name = f"proxyd_bench_{label}_{os.getpid()}"
+        pg_admin(self.args.postgres, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        pg_admin(self.args.postgres, f"CREATE DATABASE {name}")
+        self.pg_databases.append(name)
+        return urlsplit(self.args.postgres)._replace(path="/" + name).geturl()
 
     def write_mix(self, name: str, kinds: list[dict[str, Any]]) -> Path:
         path = self.tmp / f"mix-{name}.json"

@@ -1,9 +1,10 @@
 """The storage ports: the Ledger (what was admitted, settled, voided; usage and invoices) and the
 AccountStore (users, API keys, limit overrides). Nothing outside this package writes or reads SQL.
 
-One implementation today: SQLite over one writer thread (``proxyd.storage.sqlite.SQLiteStorage``, which
-is both). The shapes here are what a second one (PostgreSQL, docs/DESIGN.md "Storage: the Ledger and
-Accounts ports") implements, so that the metering, the handlers and the reports stay as they are:
+Two implementations, each both ports: SQLite over one writer thread (``proxyd.storage.sqlite.SQLiteStorage``,
+the embedded default) and PostgreSQL over one writer task per instance (``proxyd.storage.postgres``, shared by
+several instances: docs/DESIGN.md "Several instances"). The metering, the handlers and the reports are the
+same over either:
 
 - Rows cross the port as plain tuples in a fixed column order (``REQUEST_COLUMNS``), built once per
   request by the meter and handed over as they are: no object per row, no conversion per request (the
@@ -126,6 +127,9 @@ class Ledger(Protocol):
     last_commit_s: float
     commits: int
     writes: int
+    # True while the database cannot be written (a shared server down): the meter refuses new requests with
+    # a 503 instead of running them upstream and failing their settle. Always False for the embedded file.
+    unavailable: bool
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -192,6 +196,18 @@ class AccountStore(Protocol):
 
     async def set_limits(self, user_id: str, limits: Any) -> None:
         """Replaces the user's overrides (JSON as the API took it; None clears them)."""
+
+
+class SharedAccountStore(AccountStore, Protocol):
+    """An AccountStore that other instances write too (PostgreSQL): each instance is told of their changes
+    and reloads what changed, so that a key revoked through one instance is refused by all."""
+
+    def watch(self, on_change: Callable[[str | None], Awaitable[Any]]) -> None:
+        """``on_change(user_id)`` after another instance changed that user or its keys; ``on_change(None)``
+        when everything must be reloaded (changes may have been missed)."""
+
+    async def fetch_accounts(self, user_id: str | None) -> tuple[list[UserRecord], list[KeyRow]]:
+        """As ``load``, for one user (None: everyone), once the loop serves."""
 
 
 _ISO_SECOND: tuple[int, str] = (-1, "")  # (whole second, its "YYYY-MM-DDTHH:MM:SS"), swapped atomically

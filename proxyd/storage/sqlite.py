@@ -69,6 +69,8 @@ _DAILY = Additive(
 class SQLiteStorage(Store):
     """The Ledger and the AccountStore (proxyd/storage/__init__.py) of one SQLite file."""
 
+    unavailable = False  # a local file: a write that fails, fails alone (see Store._commit_batch)
+
     def __init__(self, path: str, *, synchronous: str = "NORMAL", batch_max: int = 512,
                  clock: Callable[[], float] = time.time) -> None:
         super().__init__(path, synchronous=synchronous, batch_max=batch_max)

@@ -19,7 +19,7 @@ def run(bench: Bench) -> None:
     body = bench.tmp / "small-chat.json"
     body.write_text(json.dumps(small_chat()))
     mix = bench.write_mix("small", [{"name": "chat", "path": "/v1/chat/completions", "body": small_chat()}])
-    targets = bench.proxies() + ["forwarder", "emulator"] + list(st.workers)
+    targets = bench.proxies() + ["forwarder", "emulator"] + list(st.workers) + list(st.shared)
 
     def one(target: str, duration: float, conc: int) -> dict[str, Any]:
         if bench.wrk:
@@ -80,6 +80,14 @@ def run(bench: Bench) -> None:
             "p99_delta_ms_vs_proxy": diff(c["p99_ms"], summary["proxy"]["p99_ms"]),
         }
 
+    if st.shared:  # --postgres: the shared-ledger proxy (and its N workers) against the embedded default
+        one = summary["proxy"]
+        bench.results["throughput"]["postgres"] = {
+            name: {"rps_vs_proxy": round(summary[name]["rps"] / one["rps"], 3) if one["rps"] else None,
+                   "p50_delta_ms": diff(summary[name]["p50_ms"], one["p50_ms"]),
+                   "cpu_ratio_proxy": round(summary[name]["server_cpu_ms_per_req"] / one["server_cpu_ms_per_req"], 3)
+                   if one["server_cpu_ms_per_req"] else None}
+            for name in st.shared}
     if st.workers:
         n = a.workers_ceiling
         px, fx = summary[f"proxy-x{n}-unshared"], summary[f"forwarder-x{n}"]
