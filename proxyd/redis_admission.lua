@@ -366,14 +366,15 @@ elseif op == 'settle' or op == 'void' then
 elseif op == 'renew' then
   -- ARGV: 3 instance, 4 lease us. Extends this instance's lease (one call per interval for all its holds)
   -- and lapses the holds of instances whose lease ran out. Returns {epoch or '', 1 if this instance had
-  -- to be registered anew (its holds may have lapsed: re-adopt them), holds lapsed}.
+  -- to be registered anew (its holds may have lapsed: re-adopt them), holds lapsed, instances reaped}.
   local epoch = ready_state()
-  if not epoch then return {'', 0, 0} end
+  if not epoch then return {'', 0, 0, 0} end
   local inst, lease = ARGV[3], tonumber(ARGV[4])
   local us = now_us()
   local fresh = redis.call('ZADD', P .. 'inst', us + lease, inst)  -- 1: was not there
-  local lapsed = 0
+  local lapsed, reaped = 0, 0
   for _, dead in ipairs(redis.call('ZRANGEBYSCORE', P .. 'inst', '-inf', us, 'LIMIT', 0, 16)) do
+    reaped = reaped + 1
     for _, rid in ipairs(redis.call('SMEMBERS', P .. 'ih:' .. dead)) do
       local h = read_hold(rid)
       if h and h.s == 'p' then
@@ -385,7 +386,13 @@ elseif op == 'renew' then
     redis.call('DEL', P .. 'ih:' .. dead)
     redis.call('ZREM', P .. 'inst', dead)
   end
-  return {epoch, fresh, lapsed}
+  return {epoch, fresh, lapsed, reaped}
+
+-- -------------------------------------------------------------------------------------------------------
+elseif op == 'leave' then
+  -- ARGV: 3 instance. A clean stop: the instance is no longer renewed, and not taken for dead either.
+  redis.call('ZREM', P .. 'inst', ARGV[3])
+  return 0
 
 -- -------------------------------------------------------------------------------------------------------
 elseif op == 'adopt' then

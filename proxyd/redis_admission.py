@@ -241,6 +241,8 @@ class RedisAdmission:
             self._task = None
         try:
             await self._flush_unsent()
+            if not self.live:  # stopped cleanly: not to be taken for dead (which would rebuild the counters)
+                await self.script(args=["leave", self.prefix, self.instance])
         except self.errors:
             pass
         if self._pipe is not None and self._pipe.transport is not None:
@@ -355,11 +357,12 @@ class RedisAdmission:
         self.live.pop(hold.rid, None)
 
     async def _post(self, rid: str, what: tuple) -> None:
-        """A settle or void, applied once. Not ready (Redis lost its counters): after the rebuild, a
-        settle is posted as an orphan (its ledger row is written after this returns, so the rebuild did
-        not count it). Unreachable: kept for the renewal task, the request is not failed for it."""
+        """A settle or void, applied once. A hold from before a rebuild that was not re-entered is posted
+        as an orphan (its usage as used): its ledger row is written after this returns, so the rebuild
+        did not count it; not ready, the rebuild is waited for first. Unreachable: kept for the renewal
+        task, the request is not failed for it."""
         try:
-            r = await self.script(args=self._post_args(rid, what, orphan=False))
+            r = await self.script(args=self._post_args(rid, what, orphan=True))
             if r == -1:
                 await self._ensure_ready()
                 r = await self.script(args=self._post_args(rid, what, orphan=True))
@@ -417,12 +420,20 @@ class RedisAdmission:
             log.warning("admission: Redis restarted (run id %s -> %s): rebuilding the counters", _s(stored), run_id)
             await self.redis.delete(marker)
         r = await self.script(args=["renew", self.prefix, self.instance, self.lease_us])
-        epoch, fresh, lapsed = _s(r[0]), int(r[1]), int(r[2])
+        epoch, fresh, lapsed, reaped = _s(r[0]), int(r[1]), int(r[2]), int(r[3])
         if not epoch:
             await self._ensure_ready()
             return
-        if lapsed:
-            log.warning("admission: %d holds of stopped instances lapsed", lapsed)
+        if reaped:
+            # An instance stopped renewing (killed, or cut off longer than lease_s). Its running holds were
+            # released above. But it may have died between a settle Redis took and that request's ledger
+            # commit: counted here, never billed. Rebuilding from the ledger (one instance, a second or two
+            # of admissions waiting) makes the counters equal the ledger again.
+            log.warning("admission: %d instance(s) stopped renewing (%d holds lapsed): rebuilding the counters "
+                        "from the ledger", reaped, lapsed)
+            await self.redis.delete(self.prefix + "ready")
+            await self._ensure_ready()
+            return
         if epoch != self.epoch or fresh:
             await self._adopt(epoch)
         if self.unsent:
