@@ -9,7 +9,6 @@ over Redis (this module's ``world``/``make_world`` build Redis-backed proxies).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 import uuid
@@ -46,6 +45,7 @@ from tests.test_metering import (  # noqa: F401
     test_upstream_failure_is_voided,
     test_user_isolation,
 )
+from tests.test_process import emulator  # noqa: F401 - a fixture
 from tests.test_properties import scope_limits
 
 MSG = [{"role": "user", "content": "Hi"}]  # 26 prompt tokens
@@ -517,21 +517,14 @@ def test_redis_unreachable_is_a_503_with_retry_after_and_recovers(make_world, re
 # Three instances on one Redis: limits hold across them
 # =================================================================================================
 
-def _three(make_world, limits: dict, **kw) -> tuple[list[Harness], str]:
-    """Three proxies on one key prefix, with the same user and key (the ledger file copied before they
-    start: each instance has its own SQLite ledger here, whose sum is what was billed)."""
+def _three(make_world, dsn: str, limits: dict, **kw) -> tuple[list[Harness], str]:
+    """Three proxies on one key prefix and one PostgreSQL ledger (users and keys shared), one upstream."""
     prefix = _prefix()
-    first = make_world(prefix=prefix, **kw)
+    pg = {"database.backend": "postgres", "database.dsn": dsn}
+    first = make_world(prefix=prefix, config=pg, **kw)
     key = first.new_user("dana", limits=limits)
-    first.settle_all()
-    first.stop_proxy()
-    others = []
-    for i in (1, 2):
-        path = first.db_path.replace(".db", f"-copy{i}.db")
-        shutil.copy(first.db_path, path)
-        others.append(make_world(prefix=prefix, db_path=path, upstream_url=first.upstream_url))
-    first.start()
-    return [first, *others], key
+    others = [make_world(prefix=prefix, config=pg, upstream_url=first.upstream_url) for _ in (1, 2)]
+    return [first, *others], key  # the others loaded the user and key at start
 
 
 def _spread(worlds: list[Harness], key: str, n: int, concurrency: int, **create) -> tuple[int, list]:
@@ -562,19 +555,17 @@ def _spread(worlds: list[Harness], key: str, n: int, concurrency: int, **create)
 
 
 def _billed(worlds) -> tuple[int, int, int]:
-    """(requests, tokens, max tokens of one) settled, summed over the instances' ledgers."""
-    total = count = biggest = 0
+    """(requests, tokens, max tokens of one) settled in the ledger all three write."""
     for w in worlds:
         w.settle_all()
-        [(n, tokens, most)] = w.rows("SELECT COUNT(*), SUM(prompt_tokens + completion_tokens),"
-                                     " MAX(prompt_tokens + completion_tokens) FROM requests WHERE status='settled'")
-        count, total, biggest = count + n, total + (tokens or 0), max(biggest, most or 0)
-    return count, total, biggest
+    [(n, tokens, most)] = worlds[0].rows("SELECT COUNT(*), SUM(prompt_tokens + completion_tokens),"
+                                         " MAX(prompt_tokens + completion_tokens) FROM requests WHERE status='settled'")
+    return n, tokens or 0, most or 0
 
 
 @pytest.mark.parametrize("limit", ["total_tokens", "tokens_per_minute"])
-def test_three_instances_never_bill_past_a_shared_token_limit(make_world, limit):
-    worlds, key = _three(make_world, {limit: 1000}, emulator={"token_delay_s": 0.002})
+def test_three_instances_never_bill_past_a_shared_token_limit(make_world, pg_dsn, limit):
+    worlds, key = _three(make_world, pg_dsn, {limit: 1000}, emulator={"token_delay_s": 0.002})
     msgs = [{"role": "user", "content": "[[emu:reply_tokens=50]] Hi"}]  # runs into max_tokens: billed = reserved
     ok, refusals = _spread(worlds, key, 120, 40, messages=msgs, max_tokens=20)
     count, billed, per_request = _billed(worlds)
@@ -583,8 +574,8 @@ def test_three_instances_never_bill_past_a_shared_token_limit(make_world, limit)
     assert count == ok == 1000 // per_request and len(refusals) == 120 - ok
 
 
-def test_three_instances_share_a_concurrency_limit(make_world):
-    worlds, key = _three(make_world, {"max_concurrent_requests": 3}, emulator={"token_delay_s": 0.01})
+def test_three_instances_share_a_concurrency_limit(make_world, pg_dsn):
+    worlds, key = _three(make_world, pg_dsn, {"max_concurrent_requests": 3}, emulator={"token_delay_s": 0.01})
     msgs = [{"role": "user", "content": "[[emu:reply_tokens=30]] Hi"}]
     ok, refusals = _spread(worlds, key, 120, 40, messages=msgs, max_tokens=30, stream=True)
     emu = worlds[0].emu  # the one upstream all three forward to
@@ -595,3 +586,91 @@ def test_three_instances_share_a_concurrency_limit(make_world):
     assert count == ok
     for w in worlds:
         assert w.ctx.meter.admission.pending == 0
+
+
+# =================================================================================================
+# kill -9 of one of two proxyd processes (Redis + PostgreSQL) under load
+# =================================================================================================
+
+def _start_instance(tmp_path, dsn: str, redis_url: str, prefix: str, upstream: str, port: int):
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_process import ADMIN, ROOT, wait_http
+
+    cfg = tmp_path / f"instance-{port}.yaml"
+    cfg.write_text("logging:\n  access_log: false\n"
+                   f"database:\n  backend: postgres\n  dsn: {dsn}\n  pending_row_after_s: 0\n  instance_stale_s: 1.5\n"
+                   f"admission:\n  backend: redis\n  url: {redis_url}\n  key_prefix: '{prefix}'\n  lease_s: 1.5\n")
+    env = {**os.environ, "PROXYD_PORT": str(port), "PROXYD_UPSTREAM": upstream, "PROXYD_ADMIN_TOKEN": ADMIN,
+           "PROXYD_CONFIG": str(cfg)}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    return proc
+
+
+def test_kill_9_under_load_holds_lapse_and_counters_agree_with_the_ledger(tmp_path, emulator, pg_dsn, redis_url):
+    """Every request the killed instance answered is in the ledger; its reservations lapse within the
+    lease (and the survivor rebuilds from the ledger); afterwards /v1/limits and /v1/usage agree with
+    the ledger."""
+    import signal
+    import threading
+
+    import httpx
+
+    from tests.test_postgres import fetch
+    from tests.test_postgres_process import load
+    from tests.test_process import ADMIN, free_port
+
+    prefix = _prefix()
+    pa, pb = free_port(), free_port()
+    procs = []
+    try:
+        for port in (pa, pb):
+            procs.append(_start_instance(tmp_path, pg_dsn, redis_url, prefix, emulator, port))
+        a, b = procs
+        r = httpx.post(f"http://127.0.0.1:{pa}/admin/users", headers={"Authorization": f"Bearer {ADMIN}"},
+                       json={"user_id": "alice", "limits": {"tokens_per_day": 10**9, "max_concurrent_requests": 50}})
+        assert r.status_code == 201, r.text
+        key = r.json()["api_key"]
+        time.sleep(0.3)  # b hears of the key (LISTEN/NOTIFY)
+        answered: list[str] = []
+        stop = threading.Event()
+        threads = load([f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"], key, answered, stop, threads=8)
+        time.sleep(2.0)
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        killed = time.monotonic()
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(15)
+        assert len(answered) > 20
+        status = dict(fetch(pg_dsn, "SELECT id, status FROM requests"))
+        missing = [rid for rid in answered if status.get(rid) != "settled"]
+        assert not missing, f"{len(missing)} answered requests not settled in the ledger: {missing[:5]}"
+
+        def limits() -> dict:
+            r = httpx.get(f"http://127.0.0.1:{pb}/v1/limits", headers={"Authorization": f"Bearer {key}"}, timeout=15)
+            return {x["name"]: x for x in r.json()["limits"]}
+
+        while True:  # a's reservations lapse: nothing reserved, nothing in flight once b is idle
+            now = limits()
+            if now["tokens_per_day"]["reserved"] == 0 and now["max_concurrent_requests"]["used"] == 0:
+                break
+            assert time.monotonic() - killed < 1.5 + 1.0 + 3.0, f"a's holds still held: {now}"  # lease + renewal + slack
+            time.sleep(0.2)
+        [(settled, tokens)] = fetch(pg_dsn, "SELECT COUNT(*), SUM(prompt_tokens + completion_tokens) FROM requests"
+                                            " WHERE status = 'settled'")
+        assert limits()["tokens_per_day"]["used"] == tokens
+        usage = httpx.get(f"http://127.0.0.1:{pb}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+        assert usage["totals"]["requests"] == settled
+        assert usage["totals"]["prompt_tokens"] + usage["totals"]["completion_tokens"] == tokens
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(15)
+        _drop(redis_url, prefix)
