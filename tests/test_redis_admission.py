@@ -592,7 +592,7 @@ def test_three_instances_share_a_concurrency_limit(make_world, pg_dsn):
 # kill -9 of one of two proxyd processes (Redis + PostgreSQL) under load
 # =================================================================================================
 
-def _start_instance(tmp_path, dsn: str, redis_url: str, prefix: str, upstream: str, port: int):
+def _start_instance(tmp_path, dsn: str, redis_url: str, prefix: str, upstream: str, port: int, *args: str):
     import os
     import subprocess
     import sys
@@ -605,7 +605,7 @@ def _start_instance(tmp_path, dsn: str, redis_url: str, prefix: str, upstream: s
                    f"admission:\n  backend: redis\n  url: {redis_url}\n  key_prefix: '{prefix}'\n  lease_s: 1.5\n")
     env = {**os.environ, "PROXYD_PORT": str(port), "PROXYD_UPSTREAM": upstream, "PROXYD_ADMIN_TOKEN": ADMIN,
            "PROXYD_CONFIG": str(cfg)}
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_http(f"http://127.0.0.1:{port}/healthz", proc)
     return proc
@@ -673,4 +673,50 @@ def test_kill_9_under_load_holds_lapse_and_counters_agree_with_the_ledger(tmp_pa
             if p.poll() is None:
                 p.terminate()
                 p.wait(15)
+        _drop(redis_url, prefix)
+
+
+def test_workers_share_their_limits_through_redis(tmp_path, emulator, pg_dsn, redis_url):
+    """app.py --workers 2 on Redis + PostgreSQL starts (no refusal to lift) and its processes share one
+    concurrency limit: with two streams open, every further request is refused, whichever worker takes it."""
+    import signal
+
+    import httpx
+
+    from tests.test_process import ADMIN, free_port
+
+    prefix = _prefix()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _start_instance(tmp_path, pg_dsn, redis_url, prefix, emulator, port, "--workers", "2")
+    try:
+        r = httpx.post(base + "/admin/users", headers={"Authorization": f"Bearer {ADMIN}"},
+                       json={"user_id": "erin", "limits": {"max_concurrent_requests": 2}})
+        assert r.status_code == 201, r.text
+        auth = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        time.sleep(0.5)  # the other worker hears of the key (LISTEN/NOTIFY)
+        long = {"model": "llama3.2:1b", "stream": True,
+                "messages": [{"role": "user", "content": "[[emu:reply_tokens=150]] go"}]}  # 3 s at 20 ms a token
+        with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2:
+            with c1.stream("POST", base + "/v1/chat/completions", json=long, headers=auth) as s1, \
+                    c2.stream("POST", base + "/v1/chat/completions", json=long, headers=auth) as s2:
+                assert (s1.status_code, s2.status_code) == (200, 200)
+                refused = []
+                for _ in range(8):  # a new connection each: the kernel spreads them over both workers
+                    r = httpx.post(base + "/v1/chat/completions", headers=auth, timeout=10,
+                                   json={"model": "llama3.2:1b", "messages": MSG, "max_tokens": 3})
+                    refused.append(r.status_code == 429 and "max_concurrent_requests" in r.text)
+                assert all(refused), refused
+        # Both streams closed: the room is back (a worker's settle or void, seen by every worker).
+        deadline = time.monotonic() + 10
+        while httpx.post(base + "/v1/chat/completions", headers=auth, timeout=10,
+                         json={"model": "llama3.2:1b", "messages": MSG, "max_tokens": 3}).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
         _drop(redis_url, prefix)
