@@ -83,6 +83,10 @@ def _unavailable(detail: str) -> ServiceUnavailable:
         headers={"Retry-After": str(RETRY_AFTER_S)}, detail=detail)
 
 
+class _AnswerLost(ConnectionError):
+    """The command was sent but its answer never came (the connection dropped): it may have run."""
+
+
 class _Pipe(asyncio.Protocol):
     """One connection to Redis on which script calls are pipelined: each call writes its command and waits
     for its reply, replies come in order. The request path's round trips go here rather than through
@@ -188,9 +192,16 @@ class RedisAdmission:
         specs, packed = self._limit_args(user_limits, model_limits)
         ih, il = divmod(price[0], 1_000_000)
         oh, ol = divmod(price[1], 1_000_000)
-        r = (await self._run(["reserve", self.prefix, rid, self.instance, self.lease_us, user_id, model, prompt_tokens,
-                              completion_tokens, 1 if completion_is_default else 0, min_completion_tokens, ih, il, oh,
-                              ol, packed], wait_ready=True)).split()
+        try:
+            r = (await self._run(["reserve", self.prefix, rid, self.instance, self.lease_us, user_id, model,
+                                  prompt_tokens, completion_tokens, 1 if completion_is_default else 0,
+                                  min_completion_tokens, ih, il, oh, ol, packed], wait_ready=True)).split()
+        except ServiceUnavailable as exc:
+            if getattr(exc, "maybe_applied", False):
+                # The script may have run and only its answer been lost: void that hold if it exists (the
+                # renewal sends it once Redis answers), or this instance would renew it for ever.
+                self.unsent[rid] = ("void", "")
+            raise
         if r[0] == b"1":
             hold = RedisHold(rid, user_id, model, prompt_tokens, int(r[1]), int(r[2]), int(r[3]) / 1e6,
                              self._checks(specs, model, r, 9), r[4].decode(), r[5].decode(), r[8].decode())
@@ -257,7 +268,11 @@ class RedisAdmission:
         if pipe is None or pipe.lost is not None:
             pipe = await self._connect()
         packed = b"".join([b"*%d\r\n" % (len(args) + 3), self._head, *map(_bulk, args)])
-        reply = await pipe.call(packed)
+        fut = pipe.call(packed)
+        try:
+            reply = await fut
+        except ConnectionError as exc:
+            raise _AnswerLost(str(exc)) from None
         if type(reply) is _REPLY_ERROR:
             if str(reply).startswith("NOSCRIPT"):  # a restarted (or flushed) Redis forgot the script
                 await self.redis.script_load(self.script_text)
@@ -309,7 +324,9 @@ class RedisAdmission:
             try:
                 r = await self.script(args=argv)
             except self.errors as exc:
-                raise _unavailable(f"redis {self.url}: {exc!r}") from None
+                err = _unavailable(f"redis {self.url}: {exc!r}")
+                err.maybe_applied = isinstance(exc, _AnswerLost)  # sent: the script may have run
+                raise err from None
             if type(r) is bytes or not wait_ready:  # the answer (one string of fields)
                 return r
             if time.monotonic() > deadline:
@@ -402,7 +419,8 @@ class RedisAdmission:
                 log.warning("admission: Redis did not answer within %.1f s: reconnecting", self.socket_timeout_s)
                 pipe.transport.abort()
             try:
-                await self.renew()
+                # Bounded: a renewal stuck on a stalled connection must not keep the check above from running.
+                await asyncio.wait_for(self.renew(), self.socket_timeout_s + 1)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down: keep trying; reserve fails closed meanwhile

@@ -429,14 +429,17 @@ class Gate:
         self.server = None
         self.port = 0
         self.conns: set = set()
+        self.muted = False
         self.open()
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
 
-    async def _pipe(self, reader, writer):
+    async def _pipe(self, reader, writer, replies: bool = False):
         try:
             while data := await reader.read(65536):
+                if replies and self.muted:  # Redis ran the command; its answer is lost on the way
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -447,7 +450,7 @@ class Gate:
     async def _serve(self, reader, writer):
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.conns.update((writer, up_w))
-        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer, replies=True))
 
     def open(self) -> None:
         async def start():
@@ -720,3 +723,34 @@ def test_workers_share_their_limits_through_redis(tmp_path, emulator, pg_dsn, re
             proc.kill()
             proc.wait(10)
         _drop(redis_url, prefix)
+
+
+def test_a_reserve_whose_answer_was_lost_is_voided_once_redis_answers(make_world, redis_url):
+    """The script ran (the hold exists in Redis) but its answer never came back: the client gets its 503,
+    and the hold is voided later instead of being renewed for ever by an instance that does not know it."""
+    from urllib.parse import urlsplit
+
+    gate = Gate(urlsplit(redis_url).port or 6379)
+    try:
+        world = make_world(config={"admission.url": f"redis://127.0.0.1:{gate.port}/0"})
+        key = world.new_user("fay", limits={"total_tokens": 10_000})
+        c = world.client(key)
+        c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=5)
+        world.settle_all()
+        gate.muted = True
+        with pytest.raises(openai.InternalServerError) as e:  # no answer: the watchdog drops the connection
+            c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=5)
+        assert e.value.status_code == 503
+        r = redis.Redis.from_url(redis_url)
+        holds = [k for k in r.scan_iter(world.ctx.meter.admission.prefix + "h:*") if r.hget(k, "s") == b"p"]
+        assert len(holds) == 1  # reserved in Redis, unknown to the instance
+        gate.muted = False
+        deadline = time.monotonic() + 10
+        while r.hget(holds[0], "s") == b"p":  # the renewal sends the queued void once Redis answers
+            assert time.monotonic() < deadline, "the lost hold was never voided"
+            time.sleep(0.1)
+        r.close()
+        [status] = [x for x in world.get("/v1/limits", key).json()["limits"] if x["name"] == "total_tokens"]
+        assert status["reserved"] == 0
+    finally:
+        gate.stop()
