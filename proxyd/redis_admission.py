@@ -139,11 +139,11 @@ def _bulk(arg: Any) -> bytes:
 
 class RedisAdmission:
     def __init__(self, url: str, *, ledger: Any, connections_per_key: int, key_prefix: str = "proxyd:",
-                 lease_s: float = 15.0, socket_timeout_s: float = 2.0, settle_grace_s: float = SETTLE_GRACE_S,
-                 client: Any = None) -> None:
+                 lease_s: float = 15.0, socket_timeout_s: float = 2.0, settle_grace_s: float = SETTLE_GRACE_S) -> None:
         import redis.asyncio as aioredis  # only when configured
 
-        self.redis = client or aioredis.Redis.from_url(
+        # redis-py for what is not on the request path (INFO, SCAN, the rebuild's pipeline); see _Pipe.
+        self.redis = aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
             health_check_interval=30, retry_on_timeout=False)
         self.errors = (aioredis.ConnectionError, aioredis.TimeoutError, OSError)
@@ -170,7 +170,6 @@ class RedisAdmission:
         self.live: dict[str, RedisHold] = {}  # this instance's pending holds, by id (renewed, re-adopted)
         self.unsent: dict[str, tuple] = {}  # settles/voids Redis did not take yet: retried by the renewal task
         self.epoch = ""  # the counters' generation this instance last saw
-        self.run_id = ""
         self._task: asyncio.Task | None = None
         self._ready_lock: asyncio.Lock | None = None
         self.clock = time.time  # the port's clock (refusal texts, x-ratelimit resets); limits use Redis's TIME
