@@ -210,7 +210,7 @@ async def serve(config, *, demo: bool = False, reuse_port: bool = False) -> int:
         await s.close_all_connections()
     await asyncio.sleep(0)  # let aborted handlers reach their settle/void
     await _close(ctx, emulator_server)
-    log.info("stopped cleanly; %d reservations left pending", ctx.meter.limiter.pending)
+    log.info("stopped cleanly; %d reservations left pending", ctx.meter.admission.pending)
     return 0
 
 
@@ -219,6 +219,8 @@ async def _close(ctx, emulator_server) -> None:
     await ctx.router.close()  # every upstream's pool, the probes
     await ctx.images.close()
     await ctx.ledger.close()
+    if hasattr(ctx.meter.admission, "close"):  # a shared admission: its connection and lease renewal
+        await ctx.meter.admission.close()
     ctx.tokens.close()
     if emulator_server is not None:
         emulator_server.stop()

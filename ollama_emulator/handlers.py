@@ -316,6 +316,8 @@ class InferenceHandler(BaseHandler):
             stop_at, cut = fault.arg, fault.name == "cut_after"
         self.set_header("Content-Type", self.stream_content_type)
         self.state.active_streams += 1
+        if self.state.active_streams > self.state.max_active_streams:
+            self.state.max_active_streams = self.state.active_streams
         try:
             if await self.pause(opts.first_byte_delay_s):
                 return self._cancelled()

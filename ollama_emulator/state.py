@@ -49,6 +49,7 @@ class EmulatorState:
         self.requests: collections.deque = collections.deque(maxlen=1000)
         self.faults: collections.deque = collections.deque()
         self.active_streams = 0
+        self.max_active_streams = 0  # the most streams open at once (tests of concurrency limits)
         self.cancelled_streams = 0
         self.cancelled_answers = 0  # non-stream generations abandoned by the client (Ollama stops too)
         self.completed = 0  # inference responses delivered in full (stream reached [DONE])

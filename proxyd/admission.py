@@ -6,8 +6,9 @@
 
 Exactly one of settle or void ends a reservation. A refusal is a value (what refused, by how much,
 when to come back), not an error: the HTTP layer renders it (proxyd/limits_http.py) as the 429 and
-its headers, another front end could render it otherwise. The one implementation today is in memory
-(``proxyd.limits.MemoryAdmission``); docs/DESIGN.md says what a shared one (Redis) takes.
+its headers, another front end could render it otherwise. Two implementations: in memory, one process
+(``proxyd.limits.MemoryAdmission``, the default), and shared by several processes over Redis
+(``proxyd.redis_admission.RedisAdmission``, config ``admission.backend: redis``).
 
 Concurrency has one mechanism, here: the open requests of each API key (``OpenRequests``: the per-key
 cap, checked from the request's headers, and the registry through which the admin API and the
@@ -90,7 +91,9 @@ class Admission(Protocol):
 
     async def void(self, reservation: Any) -> None: ...
 
-    def status(self, user_id: str, scope: str, limits: dict, now: float) -> list:
+    pending: int  # this process's reservations not yet ended (/healthz, the shutdown log)
+
+    async def status(self, user_id: str, scope: str, limits: dict, now: float) -> list:
         """The limits of one scope as they stand (``/v1/limits``)."""
 
 

@@ -127,16 +127,23 @@ SETTINGS: tuple[Setting, ...] = (
         "postgres: an instance whose heartbeat (every instance_stale_s / 6) is older than this is dead: its "
         "'pending' ledger rows are expired by the live instances. Rows of live instances are never touched.",
     ),
-    # -- admission -------------------------------------------------------------------------------
+    # -- admission (limits shared by several instances) -----------------------------------------
     Setting(
         "admission.backend",
         str,
         "memory",
-        "Where limits are counted and reserved: memory (this process; exact for one process) or redis "
-        "(shared by every instance, issue #16). --workers N > 1 needs redis.",
+        "Where limits are counted and reserved: memory (this process; exact for one process; the default) or "
+        "redis (admission.url: shared by every instance, exact across them). --workers N > 1 needs redis.",
     ),
-    Setting("admission.url", str, None, "Redis URL (redis://host:6379/0) when admission.backend is redis.",
-            optional=True),
+    Setting("admission.url", str, None, "Redis URL for admission.backend redis (redis://host:6379/0).", optional=True),
+    Setting("admission.key_prefix", str, "proxyd:", "Prefix of every Redis key proxyd uses (one per deployment)."),
+    Setting(
+        "admission.lease_s",
+        float,
+        15.0,
+        "Reservations of an instance that stops renewing them (killed, partitioned) are released within "
+        "this long plus one renewal interval; each instance renews all of its own every second (or lease_s / 3).",
+    ),
     # -- admin ---------------------------------------------------------------------------------
     Setting("admin.token", str, None, "Bearer token of the admin API (env PROXYD_ADMIN_TOKEN).", optional=True),
     Setting("admin.address", str, None, "Serve the admin API on its own address (with admin.port).", optional=True),
@@ -309,8 +316,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         raise ConfigError("config: 'database.backend' must be sqlite or postgres")
     if values["database.backend"] == "postgres" and not values["database.dsn"]:
         raise ConfigError("config: database.backend postgres needs 'database.dsn' (postgresql://user@host:5432/db)")
-    if values["admission.backend"] not in ("memory", "redis"):
-        raise ConfigError("config: 'admission.backend' must be memory or redis")
     if values["server.max_connections"] < 1:
         raise ConfigError("config: 'server.max_connections' must be at least 1")
     if values["server.header_timeout_s"] <= 0:
@@ -319,6 +324,13 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     if values["upstream.max_attempts"] < 1 or values["upstream.failures_to_eject"] < 1:
         raise ConfigError("config: 'upstream.max_attempts' and 'upstream.failures_to_eject' must be at least 1")
     values["upstreams"] = parse_upstreams(values["upstreams"], env)
+    if values["admission.backend"] not in ("memory", "redis"):
+        raise ConfigError("config: 'admission.backend' must be memory or redis")
+    if values["admission.backend"] == "redis" and not str(values["admission.url"] or "").startswith(
+            ("redis://", "rediss://", "unix://")):
+        raise ConfigError("config: 'admission.url' must be a redis:// (or rediss://, unix://) URL with admission.backend redis")
+    if values["admission.lease_s"] < 1:
+        raise ConfigError("config: 'admission.lease_s' must be at least 1 (second)")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
     if str(values["logging.level"]).upper() not in levels:
         raise ConfigError(f"config: 'logging.level' must be one of {', '.join(levels)}")

@@ -402,7 +402,7 @@ class MemoryAdmission:
     async def void(self, hold: Hold) -> None:
         self.limiter.void(hold)
 
-    def status(self, user_id: str, scope: str, limits: Limits, now: float) -> list[Check]:
+    async def status(self, user_id: str, scope: str, limits: Limits, now: float) -> list[Check]:
         return self.limiter.checks(user_id, scope, limits, now)
 
     @property

@@ -84,8 +84,9 @@ class Meter:
         metrics: Any = None,
     ) -> None:
         self.admission = admission
-        # The in-memory engine behind it: seeded from the ledger at start, read by /healthz and tests.
-        self.limiter = admission.limiter
+        # The in-memory engine behind it, if it is that one: seeded from the ledger at start, read by tests.
+        # A shared admission (proxyd/redis_admission.py) seeds itself from the ledger when it finds no counters.
+        self.limiter = getattr(admission, "limiter", None)
         self.ledger = ledger
         self.prices = prices
         self.defaults: Limits = config_limits.get("default", {})
@@ -213,6 +214,8 @@ class Meter:
 
     def load_usage(self) -> None:
         """Seeds the limiter with settled usage of today, this month and all time (from aggregates)."""
+        if self.limiter is None:
+            return
         now = self.limiter.clock()
         today, month = day_key(now), month_key(now)
         for rows, period in zip(self.ledger.period_usage(today, month), ("d" + today, "m" + month, "total")):
@@ -229,15 +232,15 @@ class Meter:
             if t > horizon:
                 self.limiter.load_minute(user_id, model, t, tokens, attempt_only=voided)
 
-    def limit_status(self, user: User) -> list[dict[str, Any]]:
+    async def limit_status(self, user: User) -> list[dict[str, Any]]:
         """Every limit that applies to the user now: limit, used, reserved, remaining, resets_at."""
-        now = self.limiter.clock()
+        now = self.admission.clock()
         eff = self.effective(user)
         models = eff.pop("models", {})
         out = []
         scopes = [("*", eff)] + [(m, lim) for m, lim in sorted(models.items())]
         for scope, limits in scopes:
-            for c in self.admission.status(user.user_id, scope, limits, now):
+            for c in await self.admission.status(user.user_id, scope, limits, now):
                 usd = c.name.endswith("_usd")
                 fmt = usd_str if usd else (lambda v: v)
                 out.append(

@@ -119,9 +119,6 @@ def parse_config_limits(raw: dict[str, Any]) -> dict[str, Any]:
 
 def check_structures(config: Config) -> None:
     """Validates the dict-typed settings (limits, pricing); raises ConfigError naming the key."""
-    if config["admission.backend"] != "memory":
-        raise ConfigError("config: admission.backend redis is not part of this build (issue #16's Redis "
-                          "admission); use memory")
     parse_config_limits(config["limits"])
     PriceTable(config["pricing"], {u["name"]: u["pricing"] for u in config["upstreams"]})
     try:
@@ -149,6 +146,17 @@ def upstream_specs(config: Config) -> list[dict[str, Any]]:
              "models": None, "weight": 1.0, "max_in_flight": None, "pricing": {}}]
 
 
+def build_admission(config: Config, ledger: Ledger, clock: Callable[[], float]) -> Any:
+    """The Admission port: in memory (one process), or shared by several over Redis."""
+    per_key = config["server.max_connections_per_key"]
+    if config["admission.backend"] == "redis":
+        from .redis_admission import RedisAdmission  # redis-py loads only when configured
+
+        return RedisAdmission(config["admission.url"], ledger=ledger, connections_per_key=per_key,
+                              key_prefix=config["admission.key_prefix"], lease_s=config["admission.lease_s"])
+    return MemoryAdmission(Limiter(clock=clock), connections_per_key=per_key)
+
+
 def build_context(config: Config, *, clock: Callable[[], float] = time.time, image_resolver=None) -> Context:
     """Opens the storage (migrations, crash recovery) and builds every shared object. Synchronous."""
     # Imported here: Pillow and aiohttp load only when a proxy is actually built.
@@ -170,8 +178,7 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     accounts = Accounts(storage, clock=clock)
     accounts.load(lambda raw: parse_limits(raw, "stored limits", stored=True))
     metrics = Metrics(per_user_labels=config["metrics.per_user_labels"]) if config["metrics.enabled"] else None
-    limiter = Limiter(clock=clock)
-    admission = MemoryAdmission(limiter, connections_per_key=config["server.max_connections_per_key"])
+    admission = build_admission(config, storage, clock)
     meter = Meter(
         admission=admission,
         ledger=storage,
@@ -184,7 +191,7 @@ def build_context(config: Config, *, clock: Callable[[], float] = time.time, ima
     meter.load_usage()
     if metrics is not None:
         metrics.bind(
-            in_flight=lambda: limiter.pending,
+            in_flight=lambda: admission.pending,
             queue_depth=lambda: storage.queue_depth,
             commit_s=lambda: storage.last_commit_s,
             commits=lambda: (storage.commits, storage.writes),
@@ -266,10 +273,16 @@ class HealthHandler(BaseHandler):
         upstream: dict[str, Any] = {"reachable": ok}
         all_up = all(r[0] for r in results) and all(b.state.state == "up" for b in router.backends)
         body: dict[str, Any] = {"status": "ok" if ok and all_up else "degraded", "upstream": upstream}
+        admission = self.ctx.meter.admission
+        if hasattr(admission, "health"):  # a shared admission: not ready while Redis is away or being rebuilt
+            ready, why = await admission.health()
+            body["admission"] = {"ready": ready, "detail": why}
+            if not ready:
+                ok, body["status"] = False, "degraded"
         if admin:
             # ``upstream`` is the first one (the only one without ``upstreams``), as before; the list has them all.
             upstream.update(url=self.ctx.upstream.base_url, kind=self.ctx.upstream_kind, detail=results[0][1])
-            body.update(reservations_in_flight=self.ctx.meter.limiter.pending,
+            body.update(reservations_in_flight=self.ctx.meter.admission.pending,
                         ledger_queue_depth=self.ctx.ledger.queue_depth, warnings=self.ctx.meter.prices.warnings(),
                         upstreams=[{**b.state.as_json(), "url": b.upstream.base_url, "reachable": r[0], "detail": r[1]}
                                    for b, r in zip(router.backends, results)],

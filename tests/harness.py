@@ -97,6 +97,8 @@ class Harness:
         await self.ctx.router.close()
         await self.ctx.images.close()
         await self.ctx.ledger.close()
+        if hasattr(self.ctx.meter.admission, "close"):
+            await self.ctx.meter.admission.close()
         self.ctx.tokens.close()
         self.server = None
 
@@ -165,11 +167,11 @@ class Harness:
         """Waits until every queued ledger write is committed and nothing is reserved."""
         deadline = time.time() + 10
         while time.time() < deadline:
-            if self.ctx.ledger.queue_depth == 0 and self.ctx.meter.limiter.pending == 0:
+            if self.ctx.ledger.queue_depth == 0 and self.ctx.meter.admission.pending == 0:
                 return
             time.sleep(0.01)
         raise AssertionError(
-            f"not idle: queue {self.ctx.ledger.queue_depth}, pending {self.ctx.meter.limiter.pending}"
+            f"not idle: queue {self.ctx.ledger.queue_depth}, pending {self.ctx.meter.admission.pending}"
         )
 
 

@@ -69,7 +69,7 @@ def test_a_client_that_stops_reading_frees_the_upstream_and_is_billed_for_what_w
         assert head.startswith(b"HTTP/1.1 200"), head
         # Backpressure first fills the buffers (client, proxyd, aiohttp, the emulator's socket); then
         # proxyd's flush stalls, and stall seconds later the upstream request must be gone.
-        wait_until(lambda: world.emu.active_streams == 0 and world.ctx.meter.limiter.pending == 0, 15)
+        wait_until(lambda: world.emu.active_streams == 0 and world.ctx.meter.admission.pending == 0, 15)
         assert world.emu.cancelled_streams == 1 and world.emu.completed == 0  # Ollama was told to stop
         # ... by the stall timeout, not by anything else that could end a stream
         assert any(f"the client took nothing for {stall:g}s; request ended" in r.getMessage() for r in caplog.records)

@@ -229,7 +229,7 @@ def test_client_disconnect_bills_relayed_and_cancels_upstream(make_world):
             if lines == 3:
                 break
     deadline = time.time() + 5
-    while time.time() < deadline and (world.emu.cancelled_streams == 0 or world.ctx.meter.limiter.pending):
+    while time.time() < deadline and (world.emu.cancelled_streams == 0 or world.ctx.meter.admission.pending):
         time.sleep(0.02)
     assert world.emu.cancelled_streams == 1  # Ollama was told to stop generating
     world.settle_all()
@@ -471,7 +471,7 @@ def test_room_held_by_a_request_in_flight_is_a_short_wait_not_a_spent_quota(make
         client = world.async_client(key)
         first = asyncio.create_task(client.chat.completions.create(
             model="llama3.2:1b", messages=[{"role": "user", "content": "[[emu:reply_tokens=20]] hi"}]))
-        while world.ctx.meter.limiter.pending == 0:
+        while world.ctx.meter.admission.pending == 0:
             await asyncio.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as e:
             await client.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=10)

@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--candidate", metavar="DIR", action="append", default=[],
                    help="another proxyd tree (e.g. a patched copy) benchmarked alongside the proxy, as target "
                         "'cand:<dir name>' (repeatable)")
+    p.add_argument("--redis", metavar="URL",
+                   help="also benchmark this tree with admission.backend redis on URL (target 'proxy+redis', "
+                        "under its own key prefix): the shared admission against the in-memory default, in one run")
     p.add_argument("--ledger-rows", metavar="N", type=int, default=0,
                    help="start each proxy (and candidate) on a ledger that already holds N settled rows of "
                         "another user, written with that tree's own request ids (a ledger after months of use)")

@@ -262,6 +262,9 @@ class Stack:
             doc = json.loads(cfg.read_text())
             doc["server"]["port"] = port
             doc["database"]["path"] = str(d / f"{name}-{label}.db")
+            extra = bench.candidate_config.get(name)
+            if extra:  # each stack its own key prefix
+                doc["admission"] = {**extra["admission"], "key_prefix": f"{extra['admission']['key_prefix']}{label}:"}
             cfg2.write_text(json.dumps(doc, indent=1))
             if bench.args.ledger_rows:
                 prefill_ledger(root, Path(doc["database"]["path"]), bench.args.ledger_rows)
@@ -306,7 +309,9 @@ class Stack:
             doc = json.loads(cfg.read_text())
             doc["database"] = {"backend": "postgres", "dsn": self.pg_dsn}
             if bench.args.admission_url:
-                doc["admission"] = {"backend": "redis", "url": bench.args.admission_url}
+                # A prefix of this run's own: counters left in Redis by an earlier run (another database) are not read.
+                doc["admission"] = {"backend": "redis", "url": bench.args.admission_url,
+                                    "key_prefix": f"proxyd-bench:{os.getpid()}:pg:"}
             shared = [("proxy-pg", [])]
             if bench.args.pg_workers > 1:
                 shared.append((f"proxy-pg-x{bench.args.pg_workers}", ["--workers", str(bench.args.pg_workers)]))

@@ -62,6 +62,12 @@ class Bench:
                 raise SystemExit(f"--candidate {root}: no app.py there")
         # Variants of this tree's proxy under another config (same code): --upstreams N.
         self.variants: dict[str, int] = {f"proxy-{args.upstreams}up": args.upstreams} if args.upstreams > 1 else {}
+        # Config a candidate runs with on top of the proxy's (--redis: this tree, limits counted in Redis).
+        self.candidate_config: dict[str, dict[str, Any]] = {}
+        if args.redis:
+            self.candidates["proxy+redis"] = ROOT
+            self.candidate_config["proxy+redis"] = {"admission": {
+                "backend": "redis", "url": args.redis, "key_prefix": f"proxyd-bench:{os.getpid()}:"}}
         self.wrk = shutil.which("wrk") if args.generator in ("auto", "wrk") else None
         if args.generator == "wrk" and not self.wrk:
             raise SystemExit("--generator wrk: wrk is not installed (apt-get install -y wrk)")

@@ -89,27 +89,27 @@ class KeyHandler(AdminHandler):
 class UserLimitsHandler(AdminHandler):
     """PUT replaces the user's overrides; GET shows overrides and effective limits; DELETE clears them."""
 
-    def view(self, user) -> dict[str, Any]:
+    async def view(self, user) -> dict[str, Any]:
         return {
             "user_id": user.user_id,
             "overrides": to_api(user.overrides),
             "effective": to_api(self.ctx.meter.effective(user)),
-            "status": self.ctx.meter.limit_status(user),
+            "status": await self.ctx.meter.limit_status(user),
         }
 
     async def get(self, user_id: str) -> None:
-        self.send_json(self.view(self.ctx.accounts.get(user_id)))
+        self.send_json(await self.view(self.ctx.accounts.get(user_id)))
 
     async def put(self, user_id: str) -> None:
         self.ctx.accounts.get(user_id)
         raw = self.json_body()
         overrides = parse_limits(raw, "limits")
         user = await self.ctx.accounts.set_overrides(user_id, overrides, raw)
-        self.send_json(self.view(user))
+        self.send_json(await self.view(user))
 
     async def delete(self, user_id: str) -> None:
         user = await self.ctx.accounts.set_overrides(user_id, {}, None)
-        self.send_json(self.view(user))
+        self.send_json(await self.view(user))
 
 
 class UserUsageHandler(AdminHandler):
@@ -144,5 +144,5 @@ class ConsistencyHandler(AdminHandler):
         else:
             start = end = None
         result = await self.ctx.ledger.check(start=start, end=end)
-        result["reserved_in_flight"] = self.ctx.meter.limiter.pending
+        result["reserved_in_flight"] = self.ctx.meter.admission.pending
         self.send_json(result)

@@ -162,5 +162,5 @@ class AdminLiveHandler(AdminHandler):
             raise NotFound("Metrics are disabled (metrics.enabled: false): no live figures.", code="metrics_disabled")
         # The model routes (every ProxyHandler, whatever its dialect): what the tiles call traffic.
         routes = _subclass_names(ProxyHandler)
-        self.send_json({"object": "live", "time": self.ctx.ledger.clock(), "in_flight": self.ctx.meter.limiter.pending,
+        self.send_json({"object": "live", "time": self.ctx.ledger.clock(), "in_flight": self.ctx.meter.admission.pending,
                         **metrics.live(routes)})

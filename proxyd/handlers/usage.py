@@ -87,7 +87,7 @@ class LimitsHandler(UserAPIHandler):
     async def get(self) -> None:
         user = self.caller.user
         self.send_json(
-            {"object": "limits", "user_id": user.user_id, "limits": self.ctx.meter.limit_status(user),
+            {"object": "limits", "user_id": user.user_id, "limits": await self.ctx.meter.limit_status(user),
              "effective": to_api(self.ctx.meter.effective(user))}
         )
 

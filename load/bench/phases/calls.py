@@ -37,9 +37,11 @@ def run(bench: Bench) -> None:
             ready = "/"
         else:
             doc = {**base_cfg, "server": {**base_cfg["server"], "port": port},
-                   "database": {"path": str(out.with_suffix(".db"))}}
+                   "database": {"path": str(out.with_suffix(".db"))}, **bench.candidate_config.get(name, {})}
             if name in bench.variants:
                 doc = bench.variant_config(doc, st.emu_url, bench.variants[name])
+            if "admission" in doc:
+                doc["admission"] = {**doc["admission"], "key_prefix": f"{doc['admission']['key_prefix']}calls{int(loaded)}:"}
             cfg = out.with_suffix(".yaml")
             cfg.write_text(json.dumps(doc))
             cmd, ready = [str(root / "app.py"), "--config", str(cfg)], "/healthz"

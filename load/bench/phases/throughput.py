@@ -76,6 +76,9 @@ def run(bench: Bench) -> None:
                 for k in range(a.rounds)],
             "cpu_ratio_proxy": round(c["server_cpu_ms_per_req"] / summary["proxy"]["server_cpu_ms_per_req"], 3)
             if summary["proxy"]["server_cpu_ms_per_req"] else None,
+            # The latency it adds to the proxy's (proxy+redis: the admission's round trips, reserve and settle).
+            "p50_delta_ms_vs_proxy": diff(c["p50_ms"], summary["proxy"]["p50_ms"]),
+            "p99_delta_ms_vs_proxy": diff(c["p99_ms"], summary["proxy"]["p99_ms"]),
         }
 
     if st.shared:  # --postgres: the shared-ledger proxy (and its N workers) against the embedded default
