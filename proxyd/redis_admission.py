@@ -241,7 +241,17 @@ class RedisAdmission:
         return True, "ready"
 
     async def close(self) -> None:
-        """Stops renewing (the holds lapse if any are left) after one last try at the unsent settles."""
+        """Stops renewing (the holds lapse if any are left) after one last try at the unsent settles.
+        Bounded: with the renewal stopped nothing else notices a reply Redis never sends, and a shutdown
+        must not wait for one (the holds lapse by themselves)."""
+        try:
+            await asyncio.wait_for(self._close(), self.socket_timeout_s * 2)
+        except asyncio.TimeoutError:
+            log.warning("redis admission: close did not finish in %gs; holds left will lapse", self.socket_timeout_s * 2)
+            if self._pipe is not None and self._pipe.transport is not None:
+                self._pipe.transport.abort()
+
+    async def _close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             try:
