@@ -16,11 +16,16 @@ from proxyd.pipeline import MeteredCall
 MSG = [{"role": "user", "content": "Hello there"}]
 
 
-def _proxy_garbage() -> dict[str, int]:
+def _proxy_garbage(ctx) -> dict[str, int]:
+    """Handlers and calls of this proxy (``ctx``) that a collection found. Only this proxy's: a proxy of an
+    earlier test in the same process can let go of a request of its own while this one runs (a timer of
+    a cut-off test firing late), and that request is no finding about the requests made here. (On
+    2026-11-30 a CI run found one handler and one call, which did not recur in 11 runs alone or under
+    CPU load; where they came from was not established, and this filter rules out that explanation.)"""
     gc.collect()
     found: dict[str, int] = {}
     for obj in gc.garbage:
-        if isinstance(obj, (BaseHandler, MeteredCall)):
+        if isinstance(obj, (BaseHandler, MeteredCall)) and getattr(obj, "ctx", None) is ctx:
             found[type(obj).__name__] = found.get(type(obj).__name__, 0) + 1
     return found
 
@@ -41,7 +46,7 @@ def test_finished_requests_leave_no_cycles_for_the_collector(world):
                 pass
             client.completions.create(model="llama3.2:1b", prompt="Hi", max_tokens=8)
             client.embeddings.create(model="llama3.2:1b", input="Hi")
-        found = _proxy_garbage()
+        found = _proxy_garbage(world.ctx)
     finally:
         gc.set_debug(flags)
         del gc.garbage[:]

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from .. import jsonio
+from ..errors import UpstreamUnavailable
+
 
 class Endpoint(Protocol):
     name: str  # the ledger's name for it, e.g. "chat.completions"
@@ -49,3 +52,15 @@ class Endpoint(Protocol):
 
     def error_event(self, err: Any) -> bytes:
         """An error after the response started: the dialect's framed error event."""
+
+
+def upstream_object(raw: bytes, message: str = "Upstream answered with invalid JSON.") -> dict[str, Any]:
+    """An upstream's JSON object, or the 502 every dialect gives for anything else (the same answer
+    whatever the dialect: the client's request was fine, the upstream's reply was not)."""
+    try:
+        doc = jsonio.loads(raw)
+    except ValueError:
+        raise UpstreamUnavailable(message) from None
+    if not isinstance(doc, dict):
+        raise UpstreamUnavailable(message)
+    return doc

@@ -29,6 +29,7 @@ from ..limits_http import anthropic_rate_headers
 from ..tokens import go_json
 from ..upstream import without_addresses
 from ..validate import _flag, _go_keys, _model, _positive_int, _string
+from . import upstream_object
 
 # Ollama's structs (anthropic/anthropic.go): Go's decoder matches keys case-insensitively, so a key that
 # folds onto one of these but is not spelled so ("MAX_TOKENS", "Text") would be read by Ollama and not
@@ -104,12 +105,7 @@ class Messages:
     # -- the answer ------------------------------------------------------------------------------------
 
     def answer(self, raw: bytes, call: Any) -> bytes:
-        try:
-            doc = jsonio.loads(raw)
-            if not isinstance(doc, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
+        doc = upstream_object(raw)
         call.usage = reported(doc.get("usage"))
         texts = call.texts
         for block in doc.get("content") or ():

@@ -30,12 +30,13 @@ from __future__ import annotations
 from typing import Any
 
 from .. import jsonio
-from ..errors import InvalidRequest, PayloadTooLarge, ProxyError, UpstreamError, UpstreamUnavailable
+from ..errors import InvalidRequest, PayloadTooLarge, ProxyError, UpstreamError
 from ..images import ImagePart
 from ..limits_http import rate_headers
 from ..modelname import canonical, why_invalid
 from ..upstream import without_addresses
 from ..validate import MAX_MODEL_CHARS, MAX_TOKENS_CAP, _go_keys
+from . import upstream_object
 
 # The fields of Ollama's request structs (api/types.go). Go matches keys case-insensitively, so a
 # case variant ("OPTIONS", "Stream") would be read by Ollama and not by proxyd: refused (_go_keys).
@@ -79,13 +80,13 @@ class NativeEndpoint:
     # -- the answer ------------------------------------------------------------------------------------
 
     def answer(self, raw: bytes, call: Any) -> bytes:
-        doc = _object(raw, "Upstream answered with invalid JSON.")
+        doc = upstream_object(raw)
         call.usage = reported_usage(doc)
         self.collect(doc, call.texts)
         return raw
 
     def relay_event(self, data: bytes, call: Any) -> bytes | None:
-        doc = _object(data, "Upstream sent a line that is not a JSON object.")
+        doc = upstream_object(data, "Upstream sent a line that is not a JSON object.")
         if "error" in doc:
             message = str(doc["error"])
             raise UpstreamError(f"Upstream error mid-stream: {without_addresses(message)}", status=502, detail=message)
@@ -244,7 +245,7 @@ class NativeEmbed(NativeEndpoint):
         return body
 
     def answer(self, raw: bytes, call: Any) -> bytes:
-        doc = _object(raw, "Upstream answered with invalid JSON.")
+        doc = upstream_object(raw)
         count = doc.get("prompt_eval_count")
         if _is_int(count):
             call.usage = {"prompt_tokens": count, "completion_tokens": 0}
@@ -272,7 +273,7 @@ class NativeEmbeddings(NativeEmbed):
         return (await call.tokens.count_many(model, [prompt]))[0] if prompt else 0
 
     def answer(self, raw: bytes, call: Any) -> bytes:
-        doc = _object(raw, "Upstream answered with invalid JSON.")
+        doc = upstream_object(raw)
         if not doc.get("embedding"):
             call.usage = {"prompt_tokens": 0, "completion_tokens": 0}  # an empty prompt loads the model only
         return raw
@@ -403,16 +404,6 @@ def _collect(content: Any, thinking: Any, tool_calls: Any, texts: list[str]) -> 
         fn = call.get("function") if isinstance(call, dict) else None
         if isinstance(fn, dict):
             texts.append(str(fn.get("name") or "") + jsonio.dumps(fn.get("arguments") or {}).decode())
-
-
-def _object(raw: bytes, message: str) -> dict[str, Any]:
-    try:
-        doc = jsonio.loads(raw)
-    except ValueError:
-        raise UpstreamUnavailable(message) from None
-    if not isinstance(doc, dict):
-        raise UpstreamUnavailable(message)
-    return doc
 
 
 def _is_int(value: Any) -> bool:

@@ -17,6 +17,7 @@ from ..errors import ProxyError, UpstreamError, UpstreamUnavailable
 from ..limits_http import rate_headers
 from ..sse import DONE
 from ..upstream import without_addresses
+from . import upstream_object
 
 _DONE_EVENT = b"data: " + DONE + b"\n\n"
 
@@ -49,12 +50,7 @@ class OpenAIEndpoint:
     # -- the answer ------------------------------------------------------------------------------------
 
     def answer(self, raw: bytes, call: Any) -> bytes:
-        try:
-            doc = jsonio.loads(raw)
-            if not isinstance(doc, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
+        doc = upstream_object(raw)
         call.usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else None
         collect_text(doc, call.texts)
         return with_our_id(raw, doc, call.our_id)

@@ -27,6 +27,7 @@ from .. import jsonio
 from ..errors import InvalidRequest, UpstreamError, UpstreamUnavailable
 from ..upstream import without_addresses
 from ..validate import _flag, _go_keys, _model, _positive_int
+from . import upstream_object
 from .openai import OpenAIEndpoint
 
 # The fields of Ollama's ResponsesRequest (openai/responses.go). Go matches keys case-insensitively, so
@@ -127,12 +128,7 @@ class Responses(OpenAIEndpoint):
     # -- the answer ------------------------------------------------------------------------------------
 
     def answer(self, raw: bytes, call: Any) -> bytes:
-        try:
-            doc = jsonio.loads(raw)
-            if not isinstance(doc, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            raise UpstreamUnavailable("Upstream answered with invalid JSON.") from None
+        doc = upstream_object(raw)
         call.usage = _usage(doc.get("usage"))
         output = doc.get("output")
         if isinstance(output, list):
