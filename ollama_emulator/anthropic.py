@@ -43,7 +43,7 @@ from .handlers import InferenceHandler
 from .jobs import looks_like_image
 from .replies import plan_reply
 from .templates import chat_prompt
-from .wire import CONTENT, FINISH, NO_VISION, NOT_AN_IMAGE, TAIL, OllamaError, go_json, go_kind, is_int
+from .wire import CONTENT, FINISH, NO_VISION, NOT_AN_IMAGE, TAIL, OllamaError, check_struct, go_json, go_kind, is_int
 
 MESSAGES_FIELDS = {
     "model": (lambda v: isinstance(v, str), "string"),
@@ -317,18 +317,7 @@ class MessagesHandler(InferenceHandler):
             self.write_anthropic_error(err.status, err.message, middleware=False)
 
     def _validate(self) -> tuple[dict[str, Any], Converted]:
-        body = self.body_json
-        if body is None:
-            body = {}
-        if not isinstance(body, dict):
-            raise _Bad(f"json: cannot unmarshal {go_kind(body)} into Go value of type anthropic.MessagesRequest")
-        for name, (ok, go_type_name) in MESSAGES_FIELDS.items():
-            value = body.get(name)
-            if value is not None and not ok(value):
-                kind = go_kind(value)
-                if kind == "number":
-                    kind = f"number {json.dumps(value)}"
-                raise _Bad(f"json: cannot unmarshal {kind} into Go struct field MessagesRequest.{name} of type {go_type_name}")
+        body = check_struct(self.body_json, "MessagesRequest", MESSAGES_FIELDS, package="anthropic", error=_Bad)
         if not body.get("model"):
             raise _Bad("model is required")
         if not body.get("max_tokens") or body["max_tokens"] <= 0:

@@ -44,6 +44,7 @@ from .wire import (
     NOT_AN_IMAGE,
     OllamaError,
     go_json,
+    go_kind,
     is_int,
     marshal,
     sorted_maps,
@@ -88,7 +89,7 @@ class NativeHandler(InferenceHandler):
             if self.body_error is not None:
                 raise OllamaError(400, "missing request body" if self.body_error == "EOF" else self.body_error)
             if self.body_json is not None and not isinstance(self.body_json, dict):
-                raise OllamaError(400, f"json: cannot unmarshal {_kind(self.body_json)} into Go value of type api.{self.struct}")
+                raise OllamaError(400, f"json: cannot unmarshal {go_kind(self.body_json)} into Go value of type api.{self.struct}")
             self.body_json = self.body_json or {}
             await self.serve(fault)
         except OllamaError as err:
@@ -147,7 +148,7 @@ class NativeHandler(InferenceHandler):
         bad_image = False
         for item in images:
             if not isinstance(item, str):
-                raise OllamaError(400, f"json: cannot unmarshal {_kind(item)} into Go struct field {where} of type []uint8")
+                raise OllamaError(400, f"json: cannot unmarshal {go_kind(item)} into Go struct field {where} of type []uint8")
             try:
                 data = base64.b64decode(item, validate=True)
             except ValueError:
@@ -158,18 +159,6 @@ class NativeHandler(InferenceHandler):
         if bad_image:
             raise OllamaError(500, NOT_AN_IMAGE)
         return len(images)
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, list):
-        return "array"
-    return "object"
 
 
 def _num_predict(body: dict) -> int | None:
@@ -214,7 +203,7 @@ class NativeChatHandler(NativeHandler):
             raise OllamaError(400, "json: cannot unmarshal into Go struct field ChatRequest.messages of type []api.Message")
         for i, m in enumerate(messages):
             if m.get("content") is not None and not isinstance(m["content"], str):
-                raise OllamaError(400, f"json: cannot unmarshal {_kind(m['content'])} into Go struct field "
+                raise OllamaError(400, f"json: cannot unmarshal {go_kind(m['content'])} into Go struct field "
                                        "ChatRequest.messages.content of type string")
         requested = body.get("model") or ""
         if not requested or names.resolve(requested) is None:
@@ -262,7 +251,7 @@ class NativeGenerateHandler(NativeHandler):
         opts, body, started = self.state.options, self.body_json, time.time_ns()
         for field in ("prompt", "suffix", "system", "template"):
             if body.get(field) is not None and not isinstance(body[field], str):
-                raise OllamaError(400, f"json: cannot unmarshal {_kind(body[field])} into Go struct field "
+                raise OllamaError(400, f"json: cannot unmarshal {go_kind(body[field])} into Go struct field "
                                        f"GenerateRequest.{field} of type string")
         requested = body.get("model") or ""
         if names.resolve(requested) is None:
@@ -377,7 +366,7 @@ class NativeEmbeddingsHandler(NativeHandler):
             raise OllamaError(400, "model is required")
         prompt = body.get("prompt")
         if prompt is not None and not isinstance(prompt, str):
-            raise OllamaError(400, f"json: cannot unmarshal {_kind(prompt)} into Go struct field "
+            raise OllamaError(400, f"json: cannot unmarshal {go_kind(prompt)} into Go struct field "
                                    "EmbeddingRequest.prompt of type string")
         model = names.find(requested, opts.models)
         if model is None:
@@ -438,10 +427,10 @@ class ShowHandler(BaseHandler):
         if self.body_error is not None:
             error = "missing request body" if self.body_error == "EOF" else self.body_error
         elif self.body_json is not None and not isinstance(self.body_json, dict):
-            error = f"json: cannot unmarshal {_kind(self.body_json)} into Go value of type api.ShowRequest"
+            error = f"json: cannot unmarshal {go_kind(self.body_json)} into Go value of type api.ShowRequest"
         for field in ("model", "name", "system", "template"):
             if error is None and body.get(field) is not None and not isinstance(body[field], str):
-                error = f"json: cannot unmarshal {_kind(body[field])} into Go struct field ShowRequest.{field} of type string"
+                error = f"json: cannot unmarshal {go_kind(body[field])} into Go struct field ShowRequest.{field} of type string"
         requested = body.get("model") or body.get("name") or ""
         if error is not None or not requested:
             self.set_status(400)

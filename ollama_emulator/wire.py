@@ -294,19 +294,21 @@ EMBED_FIELDS = {
 }
 
 
-def check_struct(body: Any, struct_name: str, fields: dict) -> dict:
-    """What gin's ShouldBindJSON does to a decoded body: type errors for the known fields."""
+def check_struct(body: Any, struct_name: str, fields: dict, *, package: str = "openai", error=None) -> dict:
+    """What gin's ShouldBindJSON does to a decoded body: type errors for the known fields (of a struct
+    in Go package ``package``; ``error`` makes the exception, a 400 OllamaError by default)."""
+    error = error or bad
     if body is None:
         return {}  # `null` decodes into a zero struct
     if not isinstance(body, dict):
-        raise bad(f"json: cannot unmarshal {go_kind(body)} into Go value of type openai.{struct_name}")
+        raise error(f"json: cannot unmarshal {go_kind(body)} into Go value of type {package}.{struct_name}")
     for name, (ok, go_type_name) in fields.items():
         value = body.get(name)
         if value is not None and not ok(value):
             kind = go_kind(value)
             if kind == "number":
                 kind = f"number {json.dumps(value)}"
-            raise bad(f"json: cannot unmarshal {kind} into Go struct field {struct_name}.{name} of type {go_type_name}")
+            raise error(f"json: cannot unmarshal {kind} into Go struct field {struct_name}.{name} of type {go_type_name}")
     return body
 
 
