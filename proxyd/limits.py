@@ -362,26 +362,35 @@ class Limiter:
 
     def _refusal(self, c: Check, now: float, need: int, user_id: str, checks: list[Check], *,
                  default_budget: bool = False) -> Refusal:
-        """The refusal for limit ``c``. ``need`` is what the request needs of it, in the limit's unit
-        (requests, tokens or nano-USD): more than the whole limit means it can never fit (not
-        retryable, and the client is told what to change); otherwise it fits once usage frees up.
-        It carries every check made (``checks``), for the x-ratelimit-* headers of the 429."""
-        retry: float | None = None
-        if need > c.limit:
-            kind = RefusalKind.CLOSED if c.limit == 0 else RefusalKind.TOO_LARGE
-        elif c.reserved and need <= c.limit - c.used:
-            # It fits once requests in flight settle (they reserved the room; an answer without
-            # max_tokens may hold all that is left): a matter of seconds, not of the period's end.
-            kind, retry = RefusalKind.IN_FLIGHT, 1.0
-        elif c.window == CONCURRENT:
-            kind, retry = RefusalKind.RATE, 1.0
-        elif c.window == MINUTE:
-            w = self.minutes[(user_id, c.scope)]
-            short = need - (c.limit - c.used)
-            kind, retry = RefusalKind.RATE, max(0.001, w.free_at(c.metric, short, now) - now)
-        else:
-            kind, retry = RefusalKind.QUOTA, (c.reset_at - now) if c.reset_at else None
-        return Refusal(kind, c, need, retry, checks, now, default_budget)
+        """The refusal for limit ``c`` (``refusal``), the minute window's free time read off this
+        process's sliding log."""
+        def minute_free_at() -> float:
+            return self.minutes[(user_id, c.scope)].free_at(c.metric, need - (c.limit - c.used), now)
+
+        return refusal(c, now, need, checks, default_budget, minute_free_at)
+
+
+def refusal(c: Check, now: float, need: int, checks: list[Check], default_budget: bool,
+            minute_free_at: Callable[[], float]) -> Refusal:
+    """The refusal for limit ``c``, whichever admission counted it. ``need`` is what the request needs of
+    it, in the limit's unit (requests, tokens or nano-USD): more than the whole limit means it can never
+    fit (not retryable, and the client is told what to change); otherwise it fits once usage frees up.
+    ``minute_free_at`` says when a per-minute window has room for it (asked only for such a limit). It
+    carries every check made (``checks``), for the x-ratelimit-* headers of the 429."""
+    retry: float | None = None
+    if need > c.limit:
+        kind = RefusalKind.CLOSED if c.limit == 0 else RefusalKind.TOO_LARGE
+    elif c.reserved and need <= c.limit - c.used:
+        # It fits once requests in flight settle (they reserved the room; an answer without
+        # max_tokens may hold all that is left): a matter of seconds, not of the period's end.
+        kind, retry = RefusalKind.IN_FLIGHT, 1.0
+    elif c.window == CONCURRENT:
+        kind, retry = RefusalKind.RATE, 1.0
+    elif c.window == MINUTE:
+        kind, retry = RefusalKind.RATE, max(0.001, minute_free_at() - now)
+    else:
+        kind, retry = RefusalKind.QUOTA, (c.reset_at - now) if c.reset_at else None
+    return Refusal(kind, c, need, retry, checks, now, default_budget)
 
 
 class MemoryAdmission:

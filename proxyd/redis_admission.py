@@ -34,8 +34,9 @@ from typing import Any
 
 import hiredis
 
-from .admission import Check, OpenRequests, Refusal, RefusalKind
+from .admission import Check, OpenRequests, Refusal
 from .errors import ServiceUnavailable
+from .limits import refusal
 from .limitspec import LIMIT_FIELDS, Limits, Metric, Window
 from .periods import calendar_of, day_key, month_key
 
@@ -572,16 +573,5 @@ def _s(v: Any) -> str:
 
 
 def _refusal(c: Check, now: float, need: int, free_at: float, checks: list[Check], default_budget: bool) -> Refusal:
-    """As ``Limiter._refusal``, with the minute window's free time computed by the script."""
-    retry: float | None = None
-    if need > c.limit:
-        kind = RefusalKind.CLOSED if c.limit == 0 else RefusalKind.TOO_LARGE
-    elif c.reserved and need <= c.limit - c.used:
-        kind, retry = RefusalKind.IN_FLIGHT, 1.0
-    elif c.window == CONCURRENT:
-        kind, retry = RefusalKind.RATE, 1.0
-    elif c.window == MINUTE:
-        kind, retry = RefusalKind.RATE, max(0.001, free_at - now)
-    else:
-        kind, retry = RefusalKind.QUOTA, (c.reset_at - now) if c.reset_at else None
-    return Refusal(kind, c, need, retry, checks, now, default_budget)
+    """``limits.refusal``, with the minute window's free time computed by the script."""
+    return refusal(c, now, need, checks, default_budget, lambda: free_at)
