@@ -47,6 +47,7 @@ async def run(url: str, n: int, profile: bool) -> None:
     for _ in range(50):  # warm: connection, script cached
         await adm.settle(await adm.reserve(**kw), 30, 32, 4)
     res, sets = [], []
+    before = await _server_cpu(adm.redis)
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
@@ -58,6 +59,7 @@ async def run(url: str, n: int, profile: bool) -> None:
         t2 = time.perf_counter()
         res.append(t1 - t0)
         sets.append(t2 - t1)
+    after = await _server_cpu(adm.redis)
     if prof:
         prof.disable()
         calls = sum(v[1] for v in pstats.Stats(prof).stats.values())
@@ -66,10 +68,20 @@ async def run(url: str, n: int, profile: bool) -> None:
         xs.sort()
         print(f"{name:8s} mean {statistics.mean(xs) * 1e3:.3f} ms  p50 {xs[len(xs) // 2] * 1e3:.3f}  "
               f"p99 {xs[int(len(xs) * 0.99)] * 1e3:.3f}")
+    # Redis's own CPU is what several instances share on one Redis (and what competes with the proxy on one
+    # machine): the process's user + system time, and the time its scripts ran (commandstats, inner calls included).
+    print(f"redis CPU per pair: {(after[0] - before[0]) / n * 1e6:.0f} us (process), "
+          f"{(after[1] - before[1]) / n:.0f} us in EVALSHA (commandstats)")
     keys = [k async for k in adm.redis.scan_iter(prefix + "*")]
     if keys:
         await adm.redis.delete(*keys)
     await adm.close()
+
+
+async def _server_cpu(redis) -> tuple[float, float]:
+    cpu, stats = await redis.info("cpu"), await redis.info("commandstats")
+    return (cpu["used_cpu_user"] + cpu["used_cpu_sys"],
+            stats.get("cmdstat_evalsha", {}).get("usec", 0))
 
 
 def main(argv: list[str] | None = None) -> int:

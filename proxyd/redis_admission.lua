@@ -4,13 +4,22 @@
 --
 -- Keys (W = "<len(user)>:<user>:<scope>", scope "*" or a model; length-prefixed so no two collide):
 --   ready           hash: epoch, at (us: admissions wait until then after a rebuild), run_id
---   b:<period>:W    hash: r0 r1 r2 used requests/tokens/nano-USD, h0 h1 h2 held (reserved); period d<day>, m<month>, total
---   mz:W / mw:W     the sliding minute: zset request -> admitted (us), hash request -> "requests tokens", #R #T sums
+--   b:<period>:W    string "r0 r1 r2 h0 h1 h2": used requests/tokens/nano-USD, then held (reserved) ones;
+--                   period d<day>, m<month>, total
+--   mz:W / mw:W     the sliding minute: zset request -> admitted (us), hash request -> "requests tokens",
+--                   and field # -> "requests tokens", the window's sums
 --   c:W             requests in flight
 --   h:<rid>         a hold: u m d mo tok cost s (p pending, s settled, v voided, l lapsed) e (epoch) i (instance) t (us)
 --   inst            zset instance -> lease expiry (us);  ih:<instance>: set of its pending holds
 -- Lua numbers are doubles: amounts are exact below 2^53 (9e15 tokens, 9e6 USD in nano-USD); costs are
 -- computed with prices split into whole nano-USD per token and a remainder, so no product exceeds that.
+--
+-- Why counters are packed strings formatted with '%d', and the answers are arrays of integers: turning a
+-- Lua number into text is the costliest thing this script does (Redis writes a number argument with
+-- printf's %.17g, Lua concatenates one with %.14g; both take glibc's multi-precision float path), more
+-- than the commands themselves. '%d' takes the integer path, one packed value is one format and one
+-- command, and an integer in an answer array is not formatted at all. Measured in instructions of
+-- redis-server: load/redis_admission_rtt.py --instructions (docs/PERFORMANCE.md).
 
 local op, P = ARGV[1], ARGV[2]
 local ENDED_TTL = 120        -- seconds an ended hold is remembered: a retried settle/void within it applies once
@@ -53,43 +62,97 @@ end
 local function who(user, scope) return #user .. ':' .. user .. ':' .. scope end
 local function num(v) return tonumber(v) or 0 end
 local function periods(d, mo) return {'d' .. d, 'm' .. mo, 'total'} end
+local fmt = string.format
+local function pair(v)  -- "a b" -> a, b
+  local a, b = string.match(v, '(%-?%d+) (%-?%d+)')
+  return tonumber(a), tonumber(b)
+end
 
--- expiry (unix seconds) of a period's bucket: two days after the period ends; total never
-local function bucket_expiry(period, dend, mend)
+-- The counters are read once per call and written back whole, not bumped field by field: every
+-- command costs Redis time, and the script is atomic, so a read-modify-write is as safe as INCRBY.
+-- B and M cache what this call has read, kept up to date by its own writes (and dropped on DEL).
+local B, M = {}, {}
+
+-- A day's or month's bucket expires two days after its period ends; the total never does. Set when the
+-- bucket is created (here or by the rebuild), from the period in its name, whichever path creates it.
+local function bucket_expiry(period)
   local c = string.sub(period, 1, 1)
-  if c == 'd' then return dend + 172800 elseif c == 'm' then return mend + 172800 end
+  if c == 'd' then
+    local y, m, d = string.match(period, '^d(%d+)-(%d+)-(%d+)$')
+    return (days_from_civil(tonumber(y), tonumber(m), tonumber(d)) + 1) * 86400 + 172800
+  elseif c == 'm' then
+    local y, m = string.match(period, '^m(%d+)-(%d+)$')
+    y, m = tonumber(y), tonumber(m) + 1
+    if m == 13 then y, m = y + 1, 1 end
+    return days_from_civil(y, m, 1) * 86400 + 172800
+  end
   return nil
 end
 
--- The sliding minute of W, expired to `now`: returns its requests and tokens.
+-- b:<period>:W as {r0, r1, r2, h0, h1, h2} (used and held requests, tokens, nano-USD), read once per call
+-- (B[W][period]: no key string is built for a bucket already read).
+local function bucket(period, w)
+  local bw = B[w]
+  if not bw then bw = {} B[w] = bw end
+  local b = bw[period]
+  if not b then
+    local k = P .. 'b:' .. period .. ':' .. w
+    local v = redis.call('GET', k)
+    if v then
+      local a, c, d, e, f, g = string.match(v, '(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+)')
+      b = {tonumber(a), tonumber(c), tonumber(d), tonumber(e), tonumber(f), tonumber(g), k = k, period = period}
+    else
+      b = {0, 0, 0, 0, 0, 0, fresh = true, k = k, period = period}
+    end
+    bw[period] = b
+  end
+  return b
+end
+
+local function bucket_add(b, dr, dt, dc, dh, dht, dhc)  -- used (r) and held (h) deltas
+  b[1], b[2], b[3], b[4], b[5], b[6] = b[1] + dr, b[2] + dt, b[3] + dc, b[4] + dh, b[5] + dht, b[6] + dhc
+  local v = fmt('%d %d %d %d %d %d', b[1], b[2], b[3], b[4], b[5], b[6])
+  local e = b.fresh and bucket_expiry(b.period)
+  b.fresh = false
+  if e then redis.call('SET', b.k, v, 'EXAT', e) else redis.call('SET', b.k, v, 'KEEPTTL') end
+end
+
+-- The sliding minute of W, expired to `now`: returns its requests and tokens (once per call and W).
 local function minute(w, now)
+  local m = M[w]
+  if m then return m[1], m[2] end
   local zk, hk = P .. 'mz:' .. w, P .. 'mw:' .. w
+  local dr, dt = 0, 0
   local old = redis.call('ZRANGEBYSCORE', zk, '-inf', now - MINUTE, 'LIMIT', 0, 1000)
   while #old > 0 do
     local vals = redis.call('HMGET', hk, unpack(old))
-    local dr, dt = 0, 0
     for i = 1, #old do
       if vals[i] then
-        local r, t = string.match(vals[i], '(%-?%d+) (%-?%d+)')
-        dr, dt = dr + tonumber(r), dt + tonumber(t)
+        local r, t = pair(vals[i])
+        dr, dt = dr + r, dt + t
       end
     end
     redis.call('HDEL', hk, unpack(old))
     redis.call('ZREM', zk, unpack(old))
-    redis.call('HINCRBY', hk, '#R', 0 - dr)  -- 0 - x, not -x: -0 is written "-0", which HINCRBY refuses
-    redis.call('HINCRBY', hk, '#T', 0 - dt)
     old = redis.call('ZRANGEBYSCORE', zk, '-inf', now - MINUTE, 'LIMIT', 0, 1000)
   end
-  local s = redis.call('HMGET', hk, '#R', '#T')
-  return num(s[1]), num(s[2])
+  local s = redis.call('HGET', hk, '#')
+  local r, t = 0, 0
+  if s then r, t = pair(s) end
+  m = {r - dr, t - dt}
+  if dr ~= 0 or dt ~= 0 then redis.call('HSET', hk, '#', fmt('%d %d', m[1], m[2])) end
+  M[w] = m
+  return m[1], m[2]
 end
 
-local function minute_add(w, rid, at, requests, tokens)
+-- Enters a request into W's minute (read first: the sums are written with the entry, in one HSET).
+local function minute_add(w, rid, at, requests, tokens, now)
+  local r, t = minute(w, now)
   local zk, hk = P .. 'mz:' .. w, P .. 'mw:' .. w
+  r, t = r + requests, t + tokens
+  M[w] = {r, t}
   redis.call('ZADD', zk, at, rid)
-  redis.call('HSET', hk, rid, requests .. ' ' .. tokens)
-  redis.call('HINCRBY', hk, '#R', requests)
-  redis.call('HINCRBY', hk, '#T', tokens)
+  redis.call('HSET', hk, rid, fmt('%d %d', requests, tokens), '#', fmt('%d %d', r, t))
   redis.call('PEXPIRE', zk, 120000)
   redis.call('PEXPIRE', hk, 120000)
 end
@@ -97,12 +160,14 @@ end
 -- Corrects a still-live entry (settle: actual tokens; void: nothing); an expired one is left alone.
 local function minute_adjust(w, rid, requests, tokens)
   local hk = P .. 'mw:' .. w
-  local v = redis.call('HGET', hk, rid)
-  if not v then return end
-  local r, t = string.match(v, '(%-?%d+) (%-?%d+)')
-  redis.call('HSET', hk, rid, requests .. ' ' .. tokens)
-  redis.call('HINCRBY', hk, '#R', requests - tonumber(r))
-  redis.call('HINCRBY', hk, '#T', tokens - tonumber(t))
+  local v = redis.call('HMGET', hk, rid, '#')
+  if not v[1] then return end
+  local r, t = pair(v[1])
+  local sr, st = 0, 0
+  if v[2] then sr, st = pair(v[2]) end
+  sr, st = sr + requests - r, st + tokens - t
+  redis.call('HSET', hk, rid, fmt('%d %d', requests, tokens), '#', fmt('%d %d', sr, st))
+  if M[w] then M[w] = {sr, st} end
 end
 
 -- Earliest time (us) at which `need` units of the metric will have left the window.
@@ -112,23 +177,24 @@ local function free_at(w, metric, need, now)
   for i = 1, #ents, 2 do
     local v = redis.call('HGET', P .. 'mw:' .. w, ents[i])
     if v then
-      local r, t = string.match(v, '(%-?%d+) (%-?%d+)')
-      freed = freed + (metric == 0 and tonumber(r) or tonumber(t))
+      local r, t = pair(v)
+      freed = freed + (metric == 0 and r or t)
       if freed >= need then return tonumber(ents[i + 1]) + MINUTE end
     end
   end
   return now + MINUTE
 end
 
-local function hold_amounts(user, model, d, mo, sign, tok, cost)
+-- Holds (sign 1) or releases (sign -1) a request's reservation in every bucket of both scopes, and in
+-- their concurrency counters; `used` (settle) posts its actual usage in the same writes.
+local function hold_amounts(user, model, d, mo, sign, tok, cost, used, utok, ucost)
   if sign < 0 then tok, cost = 0 - tok, 0 - cost end  -- not sign * x: -1 * 0 is -0, written "-0"
+  local ur = used and 1 or 0
+  utok, ucost = utok or 0, ucost or 0
   for _, scope in ipairs({'*', model}) do
     local w = who(user, scope)
     for _, period in ipairs(periods(d, mo)) do
-      local k = P .. 'b:' .. period .. ':' .. w
-      redis.call('HINCRBY', k, 'h0', sign)
-      redis.call('HINCRBY', k, 'h1', tok)
-      redis.call('HINCRBY', k, 'h2', cost)
+      bucket_add(bucket(period, w), ur, utok, ucost, sign, tok, cost)
     end
     redis.call('INCRBY', P .. 'c:' .. w, sign)
   end
@@ -138,10 +204,7 @@ local function post_used(user, model, d, mo, tok, cost)
   for _, scope in ipairs({'*', model}) do
     local w = who(user, scope)
     for _, period in ipairs(periods(d, mo)) do
-      local k = P .. 'b:' .. period .. ':' .. w
-      redis.call('HINCRBY', k, 'r0', 1)
-      redis.call('HINCRBY', k, 'r1', tok)
-      redis.call('HINCRBY', k, 'r2', cost)
+      bucket_add(bucket(period, w), 1, tok, cost, 0, 0, 0)
     end
   end
 end
@@ -152,13 +215,17 @@ local function forget_if_unused(user, model, d, mo)
   local w = who(user, model)
   local keys = {}
   for _, period in ipairs(periods(d, mo)) do
-    local k = P .. 'b:' .. period .. ':' .. w
-    local v = redis.call('HMGET', k, 'r0', 'r1', 'r2', 'h0', 'h1', 'h2')
-    for i = 1, 6 do if num(v[i]) ~= 0 then return end end
-    keys[#keys + 1] = k
+    local b = bucket(period, w)
+    for i = 1, 6 do if b[i] ~= 0 then return end end
+    keys[#keys + 1] = b.k
   end
-  local s = redis.call('HMGET', P .. 'mw:' .. w, '#R', '#T')
-  if num(s[1]) ~= 0 or num(s[2]) ~= 0 or num(redis.call('GET', P .. 'c:' .. w)) ~= 0 then return end
+  local s = redis.call('HGET', P .. 'mw:' .. w, '#')
+  if s then
+    local r, t = pair(s)
+    if r ~= 0 or t ~= 0 then return end
+  end
+  if num(redis.call('GET', P .. 'c:' .. w)) ~= 0 then return end
+  B[w], M[w] = nil, nil
   keys[#keys + 1] = P .. 'mz:' .. w
   keys[#keys + 1] = P .. 'mw:' .. w
   keys[#keys + 1] = P .. 'c:' .. w
@@ -208,7 +275,7 @@ if op == 'reserve' or op == 'status' then
   -- ARGV: 3 rid, 4 instance, 5 lease us, 6 user, 7 model, 8 prompt, 9 completion, 10 default?, 11 min
   -- completion, 12 13 input price (whole nano-USD per token, remainder), 14 15 output price, 16 the limits,
   -- each "scope metric window limit " (scope 0 all models, 1 the model; metric 0 requests, 1 tokens, 2 cost).
-  -- The answer is one string of space-separated fields (one reply to parse, not dozens).
+  -- The answer is one array: integers (not formatted here, not parsed there) and the period and epoch names.
   local epoch, at = ready_state()
   if not epoch then return {-1} end
   local us, sec = now_us()
@@ -217,34 +284,40 @@ if op == 'reserve' or op == 'status' then
   local p, c, isdef, minc = tonumber(ARGV[8]), tonumber(ARGV[9]), ARGV[10] == '1', tonumber(ARGV[11])
   ih, il, oh, ol = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
   local dkey, mkey, dend, mend = calendar(sec)
-  local checks, out = {}, {}
+  local checks, out, last = {}, {}, {}
+  local W = {['0'] = who(user, '*'), ['1'] = who(user, model)}
+  local PERIOD = {day = 'd' .. dkey, month = 'm' .. mkey, total = 'total'}
+  local RESET = {day = dend * 1000000, month = mend * 1000000, total = -1}
+  local n = 0
   for flag, m, window, l in string.gmatch(ARGV[16], '(%d) (%d) (%a+) (%d+)') do
-    local scope = flag == '1' and model or '*'
     local metric, limit = tonumber(m), tonumber(l)
-    local w = who(user, scope)
+    local w = W[flag]
     local used, reserved, reset = 0, 0, -1
     if window == 'minute' then
       local r, t = minute(w, us)
       used = metric == 0 and r or t
-      local last = redis.call('ZRANGE', P .. 'mz:' .. w, -1, -1, 'WITHSCORES')
-      reset = last[2] and (tonumber(last[2]) + MINUTE) or us
+      reset = last[w]
+      if not reset then  -- when the window's newest entry leaves it (x-ratelimit reset)
+        local e = redis.call('ZRANGE', P .. 'mz:' .. w, -1, -1, 'WITHSCORES')
+        reset = e[2] and (tonumber(e[2]) + MINUTE) or us
+        last[w] = reset
+      end
     elseif window == 'concurrent' then
       used = num(redis.call('GET', P .. 'c:' .. w))
     else
-      local period = window == 'day' and ('d' .. dkey) or window == 'month' and ('m' .. mkey) or 'total'
-      local v = redis.call('HMGET', P .. 'b:' .. period .. ':' .. w, 'r' .. metric, 'h' .. metric)
-      used, reserved = num(v[1]), num(v[2])
-      reset = window == 'day' and dend * 1000000 or window == 'month' and mend * 1000000 or -1
+      local b = bucket(PERIOD[window], w)
+      used, reserved, reset = b[metric + 1], b[metric + 4], RESET[window]
     end
     checks[#checks + 1] = {metric = metric, window = window, limit = limit, used = used, reserved = reserved, w = w}
-    out[#out + 1] = string.format('%.0f', used)
-    out[#out + 1] = string.format('%.0f', reserved)
-    out[#out + 1] = string.format('%.0f', reset)
+    out[n + 1], out[n + 2], out[n + 3] = used, reserved, reset
+    n = n + 3
   end
-  local head = {string.format('%.0f', us), dkey, mkey, dend, mend, epoch}
+  local head = {us, dkey, mkey, dend, mend, epoch}
   if op == 'status' then
-    for i = 1, #out do head[#head + 1] = out[i] end
-    return table.concat(head, ' ')
+    local r = {1}
+    for i = 1, #head do r[#r + 1] = head[i] end
+    for i = 1, #out do r[#r + 1] = out[i] end
+    return r
   end
 
   -- 1. How many completion tokens fit every token and cost limit? (as Limiter.try_reserve)
@@ -257,6 +330,10 @@ if op == 'reserve' or op == 'status' then
         can = room - p
       elseif oh == 0 and ol == 0 then
         can = cost_fits(room, p, 0) and c or -1
+      elseif cost_fits(room, p, c) then
+        -- All that was asked fits: nothing to search. (Searching anyway cost ~100 us per reserve with large
+        -- cost limits: room * 1e6 is past 2^53 there, so the estimate below is off and the loops run long.)
+        can = c
       else
         local outp = oh * 1000000 + ol
         can = fl((room * 1000000 - p * (ih * 1000000 + il)) / outp)
@@ -301,10 +378,10 @@ if op == 'reserve' or op == 'status' then
     local k = checks[refused]
     local free = -1
     if k.window == 'minute' then free = free_at(k.w, k.metric, need - (k.limit - k.used), us) end
-    local r = {0, refused, string.format('%.0f', need), string.format('%.0f', free), budget and 1 or 0}
+    local r = {0, refused, need, free, budget and 1 or 0}
     for i = 1, #head do r[#r + 1] = head[i] end
     for i = 1, #out do r[#r + 1] = out[i] end
-    return table.concat(r, ' ')
+    return r
   end
 
   -- 3. Reserve against every window of both scopes (also those without a limit: a limit set later sees
@@ -313,22 +390,16 @@ if op == 'reserve' or op == 'status' then
   local lo = p * il + c * ol + 500000
   local cost = p * ih + c * oh + fl(lo / 1000000)
   hold_amounts(user, model, dkey, mkey, 1, tok, cost)
-  for _, scope in ipairs({'*', model}) do
-    local w = who(user, scope)
-    minute_add(w, rid, us, 1, tok)
-    for _, period in ipairs(periods(dkey, mkey)) do
-      local e = bucket_expiry(period, dend, mend)
-      if e then redis.call('EXPIREAT', P .. 'b:' .. period .. ':' .. w, e) end
-    end
-  end
-  redis.call('HSET', P .. 'h:' .. rid, 'u', user, 'm', model, 'd', dkey, 'mo', mkey, 'tok', tok, 'cost',
-             string.format('%.0f', cost), 's', 'p', 'e', epoch, 'i', inst)
+  minute_add(who(user, '*'), rid, us, 1, tok, us)
+  minute_add(who(user, model), rid, us, 1, tok, us)
+  redis.call('HSET', P .. 'h:' .. rid, 'u', user, 'm', model, 'd', dkey, 'mo', mkey, 'tok', fmt('%d', tok), 'cost',
+             fmt('%d', cost), 's', 'p', 'e', epoch, 'i', inst)
   redis.call('SADD', P .. 'ih:' .. inst, rid)
   redis.call('ZADD', P .. 'inst', 'NX', us + lease, inst)
-  local r = {1, string.format('%.0f', c), string.format('%.0f', cost)}
+  local r = {1, c, cost}
   for i = 1, #head do r[#r + 1] = head[i] end
   for i = 1, #out do r[#r + 1] = out[i] end
-  return table.concat(r, ' ')
+  return r
 
 -- -------------------------------------------------------------------------------------------------------
 elseif op == 'settle' or op == 'void' then
@@ -355,8 +426,11 @@ elseif op == 'settle' or op == 'void' then
   end
   local tok, cost = tonumber(ARGV[6]), tonumber(ARGV[7])
   local lapsed = h.s == 'l'
-  if not lapsed then hold_amounts(h.u, h.m, h.d, h.mo, -1, h.tok, h.cost) end
-  post_used(h.u, h.m, h.d, h.mo, tok, cost)
+  if lapsed then  -- its hold was released when the lease lapsed: only the usage is posted
+    post_used(h.u, h.m, h.d, h.mo, tok, cost)
+  else
+    hold_amounts(h.u, h.m, h.d, h.mo, -1, h.tok, h.cost, true, tok, cost)
+  end
   minute_adjust(who(h.u, '*'), rid, 1, tok)
   minute_adjust(who(h.u, h.m), rid, 1, tok)
   end_hold(rid, h, 's', ENDED_TTL)
@@ -409,13 +483,13 @@ elseif op == 'adopt' then
     if not s or s == 'l' then
       hold_amounts(user, model, d, mo, 1, tok, cost)
       if not s and t > us - MINUTE then
-        minute_add(who(user, '*'), rid, t, 1, tok)
-        minute_add(who(user, model), rid, t, 1, tok)
+        minute_add(who(user, '*'), rid, t, 1, tok, us)
+        minute_add(who(user, model), rid, t, 1, tok, us)
       elseif s == 'l' then
         minute_adjust(who(user, '*'), rid, 1, tok)
         minute_adjust(who(user, model), rid, 1, tok)
       end
-      redis.call('HSET', P .. 'h:' .. rid, 'u', user, 'm', model, 'd', d, 'mo', mo, 'tok', tok, 'cost', ARGV[i + 6],
+      redis.call('HSET', P .. 'h:' .. rid, 'u', user, 'm', model, 'd', d, 'mo', mo, 'tok', ARGV[i + 5], 'cost', ARGV[i + 6],
                  's', 'p', 'e', epoch, 'i', inst)
       redis.call('PERSIST', P .. 'h:' .. rid)
       redis.call('SADD', P .. 'ih:' .. inst, rid)

@@ -99,6 +99,7 @@ class _Pipe(asyncio.Protocol):
         self.waiting: collections.deque = collections.deque()  # (future, sent at), oldest first
         self.transport: asyncio.Transport | None = None
         self.lost: BaseException | None = None
+        self.outbox: list[bytes] = []  # commands of this loop iteration, written together at its end
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -124,10 +125,21 @@ class _Pipe(asyncio.Protocol):
     def call(self, packed: bytes) -> asyncio.Future:
         if self.lost is not None:
             raise self.lost
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self.waiting.append((fut, time.monotonic()))
-        self.transport.write(packed)
+        # Under load several requests reach Redis in one loop iteration: one write for all of them is one
+        # send here and one read on Redis's side, and Redis answers them in one write (fewer syscalls on
+        # both, and Redis's CPU is shared with the proxy's on one machine). Replies keep the order.
+        if not self.outbox:
+            loop.call_soon(self._flush)
+        self.outbox.append(packed)
         return fut
+
+    def _flush(self) -> None:
+        out, self.outbox = self.outbox, []
+        if self.lost is None and self.transport is not None:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def stalled(self, timeout: float) -> bool:
         return bool(self.waiting) and time.monotonic() - self.waiting[0][1] > timeout
@@ -195,20 +207,22 @@ class RedisAdmission:
         try:
             r = (await self._run(["reserve", self.prefix, rid, self.instance, self.lease_us, user_id, model,
                                   prompt_tokens, completion_tokens, 1 if completion_is_default else 0,
-                                  min_completion_tokens, ih, il, oh, ol, packed], wait_ready=True)).split()
+                                  min_completion_tokens, ih, il, oh, ol, packed], wait_ready=True))
         except ServiceUnavailable as exc:
             if getattr(exc, "maybe_applied", False):
                 # The script may have run and only its answer been lost: void that hold if it exists (the
                 # renewal sends it once Redis answers), or this instance would renew it for ever.
                 self.unsent[rid] = ("void", "")
             raise
-        if r[0] == b"1":
-            hold = RedisHold(rid, user_id, model, prompt_tokens, int(r[1]), int(r[2]), int(r[3]) / 1e6,
+        # r: 1, completion tokens, nano-USD, Redis's time (us), day, month, ends of both, epoch, the checks;
+        # or 0, the refusing check, need, when it frees (us), budget?, the same head and checks.
+        if r[0] == 1:
+            hold = RedisHold(rid, user_id, model, prompt_tokens, r[1], r[2], r[3] / 1e6,
                              self._checks(specs, model, r, 9), r[4].decode(), r[5].decode(), r[8].decode())
             self.live[rid] = hold
             return hold
         checks = self._checks(specs, model, r, 11)
-        return _refusal(checks[int(r[1]) - 1], int(r[5]) / 1e6, int(r[2]), int(r[3]) / 1e6, checks, r[4] == b"1")
+        return _refusal(checks[r[1] - 1], r[5] / 1e6, r[2], r[3] / 1e6, checks, r[4] == 1)
 
     async def settle(self, hold: RedisHold, prompt_tokens: int, completion_tokens: int, cost_nusd: int) -> None:
         self._end(hold, "settled")
@@ -224,7 +238,7 @@ class RedisAdmission:
         model = "*" if scope == "*" else scope
         specs, packed = self._limit_args(limits if scope == "*" else {}, {} if scope == "*" else limits)
         argv = ["status", self.prefix, "", self.instance, self.lease_us, user_id, model, 0, 0, 0, 0, 0, 0, 0, 0, packed]
-        return self._checks(specs, model, (await self._run(argv, wait_ready=True)).split(), 6)
+        return self._checks(specs, model, await self._run(argv, wait_ready=True), 7)
 
     async def health(self) -> tuple[bool, str]:
         """Whether requests can be admitted now (/healthz); starts the renewal, which rebuilds if need be."""
@@ -337,7 +351,7 @@ class RedisAdmission:
                 err = _unavailable(f"redis {self.url}: {exc!r}")
                 err.maybe_applied = isinstance(exc, _AnswerLost)  # sent: the script may have run
                 raise err from None
-            if type(r) is bytes or not wait_ready:  # the answer (one string of fields)
+            if not wait_ready or r[0] >= 0:  # the answer; -1 not ready, -2 recovering
                 return r
             if time.monotonic() > deadline:
                 raise _unavailable("the admission counters are being rebuilt")
@@ -371,7 +385,7 @@ class RedisAdmission:
     def _checks(specs: list, model: str, r: list, at: int) -> list[Check]:
         out = []
         for flag, name, value, metric, window in specs:
-            used, reserved, reset = int(r[at]), int(r[at + 1]), int(r[at + 2])  # int() reads bytes
+            used, reserved, reset = r[at], r[at + 1], r[at + 2]  # integers in the script's answer
             at += 3
             out.append(Check(model if flag else "*", name, value, used, reserved, None if reset < 0 else reset / 1e6,
                              metric, window))
@@ -521,17 +535,21 @@ class RedisAdmission:
         usage = await asyncio.to_thread(self.ledger.period_usage, today, month)
         recent = await asyncio.to_thread(self.ledger.recent_requests, now - 60.0)
         expiry = {"d": int(cal[2]) + 172800, "m": int(cal[3]) + 172800}
-        pipe = r.pipeline(transaction=False)
+        # Summed here, then written once per key, in the script's layout (b: "r0 r1 r2 h0 h1 h2", mw: "#").
+        buckets: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
         for rows, period in zip(usage, ("d" + today, "m" + month, "total")):
             for user_id, model, requests, tokens, cost in rows:
                 for scope in (model, "*"):
-                    key = f"{self.prefix}b:{period}:{_who(user_id, scope)}"
-                    pipe.hincrby(key, "r0", requests)
-                    pipe.hincrby(key, "r1", tokens)
-                    pipe.hincrby(key, "r2", cost)
-                    if period[0] in expiry:
-                        pipe.expireat(key, expiry[period[0]])
+                    acc = buckets[(period, _who(user_id, scope))]
+                    acc[0] += requests
+                    acc[1] += tokens
+                    acc[2] += cost
+        pipe = r.pipeline(transaction=False)
+        for (period, w), (requests, tokens, cost) in buckets.items():
+            pipe.set(f"{self.prefix}b:{period}:{w}", f"{requests} {tokens} {cost} 0 0 0",
+                     exat=expiry.get(period[0]))
         horizon = now - 60.0
+        sums: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
         for n, (t, user_id, model, tokens, voided) in enumerate(sorted(recent)):
             if t <= horizon:
                 continue
@@ -540,10 +558,12 @@ class RedisAdmission:
                 zk, hk, member = f"{self.prefix}mz:{w}", f"{self.prefix}mw:{w}", f"seed.{n}"
                 pipe.zadd(zk, {member: int(t * 1e6)})
                 pipe.hset(hk, member, f"1 {0 if voided else tokens}")
-                pipe.hincrby(hk, "#R", 1)
-                pipe.hincrby(hk, "#T", 0 if voided else tokens)
-                pipe.pexpire(zk, 120000)
-                pipe.pexpire(hk, 120000)
+                sums[w][0] += 1
+                sums[w][1] += 0 if voided else tokens
+        for w, (requests, tokens) in sums.items():
+            pipe.hset(f"{self.prefix}mw:{w}", "#", f"{requests} {tokens}")
+            pipe.pexpire(f"{self.prefix}mz:{w}", 120000)
+            pipe.pexpire(f"{self.prefix}mw:{w}", 120000)
         await pipe.execute()
         epoch = uuid.uuid4().hex[:12]
         await self._adopt(epoch)
