@@ -25,6 +25,7 @@ local op, P = ARGV[1], ARGV[2]
 local ENDED_TTL = 120        -- seconds an ended hold is remembered: a retried settle/void within it applies once
 local LAPSED_TTL = 86400     -- a lapsed hold (its instance stopped renewing) still takes its settle this long
 local MINUTE = 60000000      -- us
+local fmt = string.format
 
 local function now_us()
   local t = redis.call('TIME')
@@ -59,10 +60,14 @@ local function calendar(sec)  -- day key, month key, day end, month end (as prox
          (days + 1) * 86400, days_from_civil(ny, nm, 1) * 86400
 end
 
-local function who(user, scope) return #user .. ':' .. user .. ':' .. scope end
+local WHO = {}  -- user -> '<len>:<user>:' (a number concatenated is formatted with %.14g: once per call)
+local function who(user, scope)
+  local u = WHO[user]
+  if not u then u = fmt('%d:%s:', #user, user) WHO[user] = u end
+  return u .. scope
+end
 local function num(v) return tonumber(v) or 0 end
 local function periods(d, mo) return {'d' .. d, 'm' .. mo, 'total'} end
-local fmt = string.format
 local function pair(v)  -- "a b" -> a, b
   local a, b = string.match(v, '(%-?%d+) (%-?%d+)')
   return tonumber(a), tonumber(b)
@@ -114,7 +119,7 @@ local function bucket_add(b, dr, dt, dc, dh, dht, dhc)  -- used (r) and held (h)
   local v = fmt('%d %d %d %d %d %d', b[1], b[2], b[3], b[4], b[5], b[6])
   local e = b.fresh and bucket_expiry(b.period)
   b.fresh = false
-  if e then redis.call('SET', b.k, v, 'EXAT', e) else redis.call('SET', b.k, v, 'KEEPTTL') end
+  if e then redis.call('SET', b.k, v, 'EXAT', fmt('%d', e)) else redis.call('SET', b.k, v, 'KEEPTTL') end
 end
 
 -- The sliding minute of W, expired to `now`: returns its requests and tokens (once per call and W).
@@ -123,7 +128,8 @@ local function minute(w, now)
   if m then return m[1], m[2] end
   local zk, hk = P .. 'mz:' .. w, P .. 'mw:' .. w
   local dr, dt = 0, 0
-  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', now - MINUTE, 'LIMIT', 0, 1000)
+  local horizon = fmt('%d', now - MINUTE)
+  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', horizon, 'LIMIT', '0', '1000')
   while #old > 0 do
     local vals = redis.call('HMGET', hk, unpack(old))
     for i = 1, #old do
@@ -134,7 +140,7 @@ local function minute(w, now)
     end
     redis.call('HDEL', hk, unpack(old))
     redis.call('ZREM', zk, unpack(old))
-    old = redis.call('ZRANGEBYSCORE', zk, '-inf', now - MINUTE, 'LIMIT', 0, 1000)
+    old = redis.call('ZRANGEBYSCORE', zk, '-inf', horizon, 'LIMIT', '0', '1000')
   end
   local s = redis.call('HGET', hk, '#')
   local r, t = 0, 0
@@ -151,10 +157,10 @@ local function minute_add(w, rid, at, requests, tokens, now)
   local zk, hk = P .. 'mz:' .. w, P .. 'mw:' .. w
   r, t = r + requests, t + tokens
   M[w] = {r, t}
-  redis.call('ZADD', zk, at, rid)
+  redis.call('ZADD', zk, fmt('%d', at), rid)
   redis.call('HSET', hk, rid, fmt('%d %d', requests, tokens), '#', fmt('%d %d', r, t))
-  redis.call('PEXPIRE', zk, 120000)
-  redis.call('PEXPIRE', hk, 120000)
+  redis.call('PEXPIRE', zk, '120000')
+  redis.call('PEXPIRE', hk, '120000')
 end
 
 -- Corrects a still-live entry (settle: actual tokens; void: nothing); an expired one is left alone.
@@ -196,7 +202,7 @@ local function hold_amounts(user, model, d, mo, sign, tok, cost, used, utok, uco
     for _, period in ipairs(periods(d, mo)) do
       bucket_add(bucket(period, w), ur, utok, ucost, sign, tok, cost)
     end
-    redis.call('INCRBY', P .. 'c:' .. w, sign)
+    redis.call('INCRBY', P .. 'c:' .. w, sign < 0 and '-1' or '1')
   end
 end
 
@@ -395,7 +401,7 @@ if op == 'reserve' or op == 'status' then
   redis.call('HSET', P .. 'h:' .. rid, 'u', user, 'm', model, 'd', dkey, 'mo', mkey, 'tok', fmt('%d', tok), 'cost',
              fmt('%d', cost), 's', 'p', 'e', epoch, 'i', inst)
   redis.call('SADD', P .. 'ih:' .. inst, rid)
-  redis.call('ZADD', P .. 'inst', 'NX', us + lease, inst)
+  redis.call('ZADD', P .. 'inst', 'NX', fmt('%d', us + lease), inst)
   local r = {1, c, cost}
   for i = 1, #head do r[#r + 1] = head[i] end
   for i = 1, #out do r[#r + 1] = out[i] end

@@ -291,7 +291,9 @@ class RedisAdmission:
         pipe = self._pipe
         if pipe is None or pipe.lost is not None:
             pipe = await self._connect()
-        packed = b"".join([b"*%d\r\n" % (len(args) + 3), self._head, *map(_bulk, args)])
+        enc = [a if type(a) is bytes else str(a).encode() for a in args]  # one frame, not one per argument
+        packed = b"".join([b"*%d\r\n" % (len(args) + 3), self._head,
+                           *[b"$%d\r\n%s\r\n" % (len(e), e) for e in enc]])
         fut = pipe.call(packed)
         try:
             reply = await fut
