@@ -4,22 +4,22 @@
 --
 -- Keys (W = "<len(user)>:<user>:<scope>", scope "*" or a model; length-prefixed so no two collide):
 --   ready           hash: epoch, at (us: admissions wait until then after a rebuild), run_id
---   b:<period>:W    string "r0 r1 r2 h0 h1 h2": used requests/tokens/nano-USD, then held (reserved) ones;
---                   period d<day>, m<month>, total
---   mz:W / mw:W     the sliding minute: zset request -> admitted (us), hash request -> "requests tokens",
---                   and field # -> "requests tokens", the window's sums
---   c:W             requests in flight
+--   b:<period>:W    r0 r1 r2 h0 h1 h2 (six packed doubles): used requests/tokens/nano-USD, then held
+--                   (reserved) ones; period d<day>, m<month>, total
+--   mz:W / mw:W     the sliding minute: zset request -> admitted (us), hash request -> requests tokens
+--                   (packed doubles), and field # -> requests tokens expiry-set-at (us), the window's sums
+-- Requests in flight are the total bucket's h0 (held requests): every hold is in it until it ends.
 --   h:<rid>         a hold: u m d mo tok cost s (p pending, s settled, v voided, l lapsed) e (epoch) i (instance) t (us)
 --   inst            zset instance -> lease expiry (us);  ih:<instance>: set of its pending holds
 -- Lua numbers are doubles: amounts are exact below 2^53 (9e15 tokens, 9e6 USD in nano-USD); costs are
 -- computed with prices split into whole nano-USD per token and a remainder, so no product exceeds that.
 --
--- Why counters are packed strings formatted with '%d', and the answers are arrays of integers: turning a
--- Lua number into text is the costliest thing this script does (Redis writes a number argument with
--- printf's %.17g, Lua concatenates one with %.14g; both take glibc's multi-precision float path), more
--- than the commands themselves. '%d' takes the integer path, one packed value is one format and one
--- command, and an integer in an answer array is not formatted at all. Measured in instructions of
--- redis-server: load/redis_admission_rtt.py --instructions (docs/PERFORMANCE.md).
+-- Why counters are packed doubles and the answers arrays of integers: turning numbers into text and back
+-- was the costliest thing this script did (Redis writes a number argument with printf's %.17g, Lua
+-- concatenates one with %.14g, tonumber is strtod: glibc's multi-precision paths), more than its
+-- commands. struct.pack/unpack do neither, a bucket is one value (one GET, one SET), and an integer in
+-- an answer array is not formatted at all; what must be text (a score, a time) is formatted with %d, the
+-- integer path. Counted in redis-server's instructions: python -m load.redis_admission_instructions.
 
 local op, P = ARGV[1], ARGV[2]
 local ENDED_TTL = 120        -- seconds an ended hold is remembered: a retried settle/void within it applies once
@@ -68,9 +68,17 @@ local function who(user, scope)
 end
 local function num(v) return tonumber(v) or 0 end
 local function periods(d, mo) return {'d' .. d, 'm' .. mo, 'total'} end
-local function pair(v)  -- "a b" -> a, b
-  local a, b = string.match(v, '(%-?%d+) (%-?%d+)')
-  return tonumber(a), tonumber(b)
+-- Counters are stored as packed doubles (struct, bundled with Redis's Lua): read and written without
+-- turning numbers into text or back (exact: every amount is an integer below 2^53).
+local pack, unpack2 = struct.pack, struct.unpack
+local function pair(v)  -- a minute entry: requests, tokens
+  local a, b = unpack2('<dd', v)
+  return a, b
+end
+local function sums(v)  -- a minute's "#": requests, tokens, when its keys' expiry was last set (0: unknown)
+  if not v then return 0, 0, 0 end
+  local a, b, c = unpack2('<ddd', v)
+  return a, b, c
 end
 
 -- The counters are read once per call and written back whole, not bumped field by field: every
@@ -104,8 +112,8 @@ local function bucket(period, w)
     local k = P .. 'b:' .. period .. ':' .. w
     local v = redis.call('GET', k)
     if v then
-      local a, c, d, e, f, g = string.match(v, '(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+)')
-      b = {tonumber(a), tonumber(c), tonumber(d), tonumber(e), tonumber(f), tonumber(g), k = k, period = period}
+      local a, c, d, e, f, g = unpack2('<dddddd', v)
+      b = {a, c, d, e, f, g, k = k, period = period}
     else
       b = {0, 0, 0, 0, 0, 0, fresh = true, k = k, period = period}
     end
@@ -116,7 +124,7 @@ end
 
 local function bucket_add(b, dr, dt, dc, dh, dht, dhc)  -- used (r) and held (h) deltas
   b[1], b[2], b[3], b[4], b[5], b[6] = b[1] + dr, b[2] + dt, b[3] + dc, b[4] + dh, b[5] + dht, b[6] + dhc
-  local v = fmt('%d %d %d %d %d %d', b[1], b[2], b[3], b[4], b[5], b[6])
+  local v = pack('<dddddd', b[1], b[2], b[3], b[4], b[5], b[6])
   local e = b.fresh and bucket_expiry(b.period)
   b.fresh = false
   if e then redis.call('SET', b.k, v, 'EXAT', fmt('%d', e)) else redis.call('SET', b.k, v, 'KEEPTTL') end
@@ -142,11 +150,9 @@ local function minute(w, now)
     redis.call('ZREM', zk, unpack(old))
     old = redis.call('ZRANGEBYSCORE', zk, '-inf', horizon, 'LIMIT', '0', '1000')
   end
-  local s = redis.call('HGET', hk, '#')
-  local r, t = 0, 0
-  if s then r, t = pair(s) end
-  m = {r - dr, t - dt}
-  if dr ~= 0 or dt ~= 0 then redis.call('HSET', hk, '#', fmt('%d %d', m[1], m[2])) end
+  local r, t, e = sums(redis.call('HGET', hk, '#'))
+  m = {r - dr, t - dt, e}
+  if dr ~= 0 or dt ~= 0 then redis.call('HSET', hk, '#', pack('<ddd', m[1], m[2], e)) end
   M[w] = m
   return m[1], m[2]
 end
@@ -155,12 +161,19 @@ end
 local function minute_add(w, rid, at, requests, tokens, now)
   local r, t = minute(w, now)
   local zk, hk = P .. 'mz:' .. w, P .. 'mw:' .. w
+  local e = M[w][3]
   r, t = r + requests, t + tokens
-  M[w] = {r, t}
+  -- The keys live 120 s from when their expiry was last set, which is renewed once it is 30 s old (not
+  -- at every entry: two commands saved per scope): an entry always outlives its 60 s in the window.
+  local renew = now - e > 30000000
+  if renew then e = now end
+  M[w] = {r, t, e}
   redis.call('ZADD', zk, fmt('%d', at), rid)
-  redis.call('HSET', hk, rid, fmt('%d %d', requests, tokens), '#', fmt('%d %d', r, t))
-  redis.call('PEXPIRE', zk, '120000')
-  redis.call('PEXPIRE', hk, '120000')
+  redis.call('HSET', hk, rid, pack('<dd', requests, tokens), '#', pack('<ddd', r, t, e))
+  if renew then
+    redis.call('PEXPIRE', zk, '120000')
+    redis.call('PEXPIRE', hk, '120000')
+  end
 end
 
 -- Corrects a still-live entry (settle: actual tokens; void: nothing); an expired one is left alone.
@@ -169,11 +182,10 @@ local function minute_adjust(w, rid, requests, tokens)
   local v = redis.call('HMGET', hk, rid, '#')
   if not v[1] then return end
   local r, t = pair(v[1])
-  local sr, st = 0, 0
-  if v[2] then sr, st = pair(v[2]) end
+  local sr, st, e = sums(v[2])
   sr, st = sr + requests - r, st + tokens - t
-  redis.call('HSET', hk, rid, fmt('%d %d', requests, tokens), '#', fmt('%d %d', sr, st))
-  if M[w] then M[w] = {sr, st} end
+  redis.call('HSET', hk, rid, pack('<dd', requests, tokens), '#', pack('<ddd', sr, st, e))
+  if M[w] then M[w] = {sr, st, e} end
 end
 
 -- Earliest time (us) at which `need` units of the metric will have left the window.
@@ -202,7 +214,6 @@ local function hold_amounts(user, model, d, mo, sign, tok, cost, used, utok, uco
     for _, period in ipairs(periods(d, mo)) do
       bucket_add(bucket(period, w), ur, utok, ucost, sign, tok, cost)
     end
-    redis.call('INCRBY', P .. 'c:' .. w, sign < 0 and '-1' or '1')
   end
 end
 
@@ -225,16 +236,11 @@ local function forget_if_unused(user, model, d, mo)
     for i = 1, 6 do if b[i] ~= 0 then return end end
     keys[#keys + 1] = b.k
   end
-  local s = redis.call('HGET', P .. 'mw:' .. w, '#')
-  if s then
-    local r, t = pair(s)
-    if r ~= 0 or t ~= 0 then return end
-  end
-  if num(redis.call('GET', P .. 'c:' .. w)) ~= 0 then return end
+  local r, t = sums(redis.call('HGET', P .. 'mw:' .. w, '#'))
+  if r ~= 0 or t ~= 0 then return end
   B[w], M[w] = nil, nil
   keys[#keys + 1] = P .. 'mz:' .. w
   keys[#keys + 1] = P .. 'mw:' .. w
-  keys[#keys + 1] = P .. 'c:' .. w
   redis.call('DEL', unpack(keys))
 end
 
@@ -309,7 +315,7 @@ if op == 'reserve' or op == 'status' then
         last[w] = reset
       end
     elseif window == 'concurrent' then
-      used = num(redis.call('GET', P .. 'c:' .. w))
+      used = bucket('total', w)[4]  -- held requests: those in flight
     else
       local b = bucket(PERIOD[window], w)
       used, reserved, reset = b[metric + 1], b[metric + 4], RESET[window]

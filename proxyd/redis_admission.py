@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import logging
 import os
+import struct
 import time
 import uuid
 from typing import Any
@@ -537,7 +538,8 @@ class RedisAdmission:
         usage = await asyncio.to_thread(self.ledger.period_usage, today, month)
         recent = await asyncio.to_thread(self.ledger.recent_requests, now - 60.0)
         expiry = {"d": int(cal[2]) + 172800, "m": int(cal[3]) + 172800}
-        # Summed here, then written once per key, in the script's layout (b: "r0 r1 r2 h0 h1 h2", mw: "#").
+        # Summed here, then written once per key in the script's layout: packed doubles (struct), a bucket
+        # r0 r1 r2 h0 h1 h2, a minute entry requests tokens, its "#" the sums and 0 (expiry not yet renewed).
         buckets: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
         for rows, period in zip(usage, ("d" + today, "m" + month, "total")):
             for user_id, model, requests, tokens, cost in rows:
@@ -548,7 +550,7 @@ class RedisAdmission:
                     acc[2] += cost
         pipe = r.pipeline(transaction=False)
         for (period, w), (requests, tokens, cost) in buckets.items():
-            pipe.set(f"{self.prefix}b:{period}:{w}", f"{requests} {tokens} {cost} 0 0 0",
+            pipe.set(f"{self.prefix}b:{period}:{w}", struct.pack("<6d", requests, tokens, cost, 0, 0, 0),
                      exat=expiry.get(period[0]))
         horizon = now - 60.0
         sums: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
@@ -559,11 +561,11 @@ class RedisAdmission:
                 w = _who(user_id, scope)
                 zk, hk, member = f"{self.prefix}mz:{w}", f"{self.prefix}mw:{w}", f"seed.{n}"
                 pipe.zadd(zk, {member: int(t * 1e6)})
-                pipe.hset(hk, member, f"1 {0 if voided else tokens}")
+                pipe.hset(hk, member, struct.pack("<2d", 1, 0 if voided else tokens))
                 sums[w][0] += 1
                 sums[w][1] += 0 if voided else tokens
         for w, (requests, tokens) in sums.items():
-            pipe.hset(f"{self.prefix}mw:{w}", "#", f"{requests} {tokens}")
+            pipe.hset(f"{self.prefix}mw:{w}", "#", struct.pack("<3d", requests, tokens, 0))
             pipe.pexpire(f"{self.prefix}mz:{w}", 120000)
             pipe.pexpire(f"{self.prefix}mw:{w}", 120000)
         await pipe.execute()

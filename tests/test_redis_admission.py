@@ -9,6 +9,7 @@ over Redis (this module's ``world``/``make_world`` build Redis-backed proxies).
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 import time
 import uuid
@@ -389,7 +390,7 @@ def test_counters_are_rebuilt_from_the_ledger_after_redis_loses_them(world, redi
     # Redis restarted from a snapshot (its run id changed): the renewal notices and rebuilds.
     r = redis.Redis.from_url(redis_url)
     r.hset(adm.prefix + "ready", "run_id", "an-earlier-redis")
-    r.set(f"{adm.prefix}b:total:5:alice:*", "0 0 0 0 0 0")  # the snapshot's stale counter (used, held)
+    r.set(f"{adm.prefix}b:total:5:alice:*", struct.pack("<6d", 0, 0, 0, 0, 0, 0))  # the snapshot's stale counter
     r.close()
     world.call(adm.renew())
     world.settle_all()
