@@ -244,3 +244,33 @@ def test_postgres_crashed_and_restarted_mid_run_loses_nothing_answered(private_p
             b.close()
         a.close()
 
+
+def test_an_idle_instance_serves_again_soon_after_postgres_comes_back(private_postgres, tmp_path):  # noqa: F811
+    """While the ledger is unavailable every new request is refused, so nothing but the heartbeat's probe can
+    find PostgreSQL back: it must probe every 0.5 s from the moment the outage is seen, not only once its
+    regular interval (instance_stale_s / 6, 5 s by default) has run out. PostgreSQL crashes just after a
+    heartbeat, so that interval has all of its 5 s still to run, and is back 1 s later: requests succeed
+    again within 1.5 s (a probe within 0.5 s, plus slack for a loaded machine)."""
+    world = Harness(str(tmp_path / "a.db"), config={"database.backend": "postgres", "database.dsn": private_postgres.dsn,
+                                                     "database.write_wait_s": 0.5}).start()
+    try:
+        key = world.new_user("hana")
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "Hi"}]}
+        assert httpx.post(world.url + "/v1/chat/completions", json=body, headers=auth, timeout=10).status_code == 200
+        me = world.ctx.ledger.instance_id
+        beat = world.rows("SELECT heartbeat_at FROM proxyd_instances WHERE instance_id = ?", (me,))
+        wait_until(lambda: world.rows("SELECT heartbeat_at FROM proxyd_instances WHERE instance_id = ?", (me,)) != beat,
+                   timeout=10)
+        private_postgres.crash()  # just after a heartbeat
+        r = httpx.post(world.url + "/v1/chat/completions", json=body, headers=auth, timeout=10)
+        assert r.status_code == 503  # the settle failed after write_wait_s: the ledger is unavailable now
+        assert world.admin("GET", "/healthz").json()["ledger_unavailable"] is True
+        time.sleep(1.0)
+        private_postgres.start()
+        restarted = time.monotonic()
+        while httpx.post(world.url + "/v1/chat/completions", json=body, headers=auth, timeout=10).status_code != 200:
+            assert time.monotonic() - restarted < 1.5, "still refusing 1.5 s after PostgreSQL came back"
+            time.sleep(0.05)
+    finally:
+        world.close()
