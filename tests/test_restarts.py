@@ -10,6 +10,7 @@ Redis forgets its scripts and its run id changes, PostgreSQL runs crash recovery
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -34,8 +35,6 @@ def _is_clean_503(status: int, headers: httpx.Headers, body: bytes) -> bool:
     """A 503 in OpenAI's error envelope with a Retry-After: what the SDKs retry."""
     if status != 503 or int(headers.get("retry-after", "0")) < 1:
         return False
-    import json
-
     err = json.loads(body).get("error") or {}
     return err.get("code") == "service_unavailable" and err.get("type") == "api_error" and bool(err.get("message"))
 
@@ -124,6 +123,8 @@ def test_redis_killed_and_restarted_empty_mid_run_keeps_the_limit(pg_dsn, make_w
     assert count == ok and billed + most > LIMIT, (count, ok, billed)
     # Every refusal is the limit's 429 or, while Redis was away, a clean 503; no 503 before Redis was killed.
     assert set(statuses) <= {200, 429, 503}, sorted(set(statuses))
+    # Requests running when Redis went finish and are billed (their settles wait for Redis to take them).
+    assert [1 for s, e, st, _, _ in responses if s < marks["killed"] < e and st == 200], "none in flight at the kill"
     unavailable = [(s, e, h, b) for s, e, st, h, b in responses if st == 503]
     assert unavailable, "no request met the outage"
     for started, ended, headers, body in unavailable:
@@ -132,6 +133,8 @@ def test_redis_killed_and_restarted_empty_mid_run_keeps_the_limit(pg_dsn, make_w
     for _, _, st, _, body in responses:
         if st == 429:
             assert limit.encode() in body, body
+        if st == 200 and body.startswith(b"data:"):  # a stream: whole, not cut when Redis went
+            assert body.rstrip().endswith(b"data: [DONE]"), body[-300:]
     # Rebuilt after the restart (by one instance; one more if a loaded machine let a lease lapse), on the
     # new Redis: the marker carries the new server's run id.
     assert sum(w.ctx.meter.admission.rebuilds for w in worlds) > marks["rebuilds"]
@@ -196,6 +199,7 @@ def test_postgres_crashed_and_restarted_mid_run_loses_nothing_answered(private_p
             wait_until(lambda: len(answered) > 30, timeout=10)
             crashed = time.monotonic()
             private_postgres.crash()
+            gone = time.monotonic()  # pg_ctl has seen the server stop (~0.1 s later)
             seen_down = wait_until(lambda: all(w.admin("GET", "/healthz").json()["ledger_unavailable"]
                                                for w in worlds), timeout=2)
             for w in worlds:  # a new request meanwhile is refused at once, not run upstream to fail its settle
@@ -205,8 +209,9 @@ def test_postgres_crashed_and_restarted_mid_run_loses_nothing_answered(private_p
                 probes.append((time.monotonic() - sent, r.status_code, r.headers, r.content))
             time.sleep(max(0.0, 2.0 - (time.monotonic() - crashed)))
             during = len(answered)
+            starting = time.monotonic()
             private_postgres.start()  # crash recovery, then the same port
-            restarted = time.monotonic()
+            restarted = time.monotonic()  # pg_ctl saw it ready (the writer's retries may have got in first)
             wait_until(lambda: len(answered) > during + 30, timeout=15)  # serving again by itself
             back_after = time.monotonic() - restarted
         finally:
@@ -219,12 +224,12 @@ def test_postgres_crashed_and_restarted_mid_run_loses_nothing_answered(private_p
         for started, ended, status, headers, body in refused:
             assert _is_clean_503(status, headers, body), (status, headers, body)
             assert ended >= crashed, "refused before the crash"
-        straddled = [rid for started, ended, rid in answered if started < crashed and ended > restarted]
+        straddled = [rid for started, ended, rid in answered if started < gone and ended > starting]
         if write_wait_s > 2.5:  # longer than the outage: the requests in flight at the crash waited
             assert straddled, "no request in flight at the crash waited for PostgreSQL"
-        else:  # shorter: those requests failed (clean 503s, above) instead of waiting
-            assert not straddled, straddled
-            assert [r for r in refused if r[0] < crashed], "no request in flight at the crash was refused"
+        else:  # shorter: they failed (clean 503s, above) instead; a batch queued behind one given up may
+            # still wait into the restart, so only the refusals are certain
+            assert [r for r in refused if r[0] < gone], "no request in flight at the crash was refused"
         for w in worlds:
             w.settle_all()
         settled = {rid for (rid,) in a.rows("SELECT id FROM requests WHERE status = 'settled'")}
