@@ -368,8 +368,15 @@ class PostgresStorage:
 
     async def _heartbeat_loop(self) -> None:
         every = max(self.instance_stale_s / 6, 0.1)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(0.5 if self.unavailable else every)
+            # Short naps, not one sleep of ``every``: once the writer finds the database gone, new requests
+            # are refused and this probe is all that can find it back, so it must start within 0.5 s, not
+            # when a regular interval begun before the outage runs out (up to 5 s of needless 503s).
+            await asyncio.sleep(min(every, 0.5))
+            if not self.unavailable and time.monotonic() - last < every:
+                continue
+            last = time.monotonic()
             try:
                 try:
                     expired = await self._beat()
