@@ -34,10 +34,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "proxyd", "redis_admission.lua")
 
 
-def _packed_limits() -> str:
+def _packed_limits(script: str) -> bytes | str:
+    """The bench user's limits as `script` takes them: packed since 2026-11-30, one text before."""
     user = parse_limits(LIMITS, "limits")
     model = parse_limits({"tokens_per_day": 10**12, "total_cost_usd": 10**7}, "limits")
-    return RedisAdmission._limit_args(types.SimpleNamespace(_packed={}), user, model)[1]
+    specs, packed = RedisAdmission._limit_args(types.SimpleNamespace(_packed={}), user, model)
+    if "gmatch(ARGV[16]" in open(script, encoding="utf-8").read():
+        return "".join(f"{flag} {int(metric)} {window} {value} " for flag, _, value, metric, window in specs)
+    return packed
 
 
 def _free_port() -> int:
@@ -48,7 +52,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(script: str, pairs: int, extra_reserves: int, limits: str) -> int:
+def _run(script: str, pairs: int, extra_reserves: int, limits: bytes | str) -> int:
     """Instructions inside EVALSHA for 50 warm-up pairs + `pairs` + `extra_reserves` reserves."""
     d = tempfile.mkdtemp(prefix="proxyd-cg-")
     out, port = os.path.join(d, "callgrind.out"), _free_port()
@@ -105,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(tool):
             print(f"{tool} not found", file=sys.stderr)
             return 2
-    limits = _packed_limits()
     for script in [SCRIPT, *a.script]:
+        limits = _packed_limits(script)
         base = _run(script, 0, 0, limits)
         pairs = _run(script, a.n, 0, limits)
         more = _run(script, a.n, a.n, limits)

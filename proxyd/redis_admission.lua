@@ -67,6 +67,7 @@ local function who(user, scope)
   return u .. scope
 end
 local function num(v) return tonumber(v) or 0 end
+local WINDOWS = {[0] = 'minute', [1] = 'concurrent', [2] = 'day', [3] = 'month', [4] = 'total'}
 local function periods(d, mo) return {'d' .. d, 'm' .. mo, 'total'} end
 -- Counters are stored as packed doubles (struct, bundled with Redis's Lua): read and written without
 -- turning numbers into text or back (exact: every amount is an integer below 2^53).
@@ -286,7 +287,8 @@ end
 if op == 'reserve' or op == 'status' then
   -- ARGV: 3 rid, 4 instance, 5 lease us, 6 user, 7 model, 8 prompt, 9 completion, 10 default?, 11 min
   -- completion, 12 13 input price (whole nano-USD per token, remainder), 14 15 output price, 16 the limits,
-  -- each "scope metric window limit " (scope 0 all models, 1 the model; metric 0 requests, 1 tokens, 2 cost).
+  -- packed (struct '<BBBd' each: scope 0 all models, 1 the model; metric 0 requests, 1 tokens, 2 cost;
+  -- window, a WINDOWS index; the limit). One unpack, not a pattern match and tonumber per field.
   -- The answer is one array: integers (not formatted here, not parsed there) and the period and epoch names.
   local epoch, at = ready_state()
   if not epoch then return {-1} end
@@ -297,13 +299,15 @@ if op == 'reserve' or op == 'status' then
   ih, il, oh, ol = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
   local dkey, mkey, dend, mend = calendar(sec)
   local checks, out, last = {}, {}, {}
-  local W = {['0'] = who(user, '*'), ['1'] = who(user, model)}
+  local W = {[0] = who(user, '*'), [1] = who(user, model)}
   local PERIOD = {day = 'd' .. dkey, month = 'm' .. mkey, total = 'total'}
   local RESET = {day = dend * 1000000, month = mend * 1000000, total = -1}
   local n = 0
-  for flag, m, window, l in string.gmatch(ARGV[16], '(%d) (%d) (%a+) (%d+)') do
-    local metric, limit = tonumber(m), tonumber(l)
-    local w = W[flag]
+  local nlim = #ARGV[16] / 11
+  local L = nlim > 0 and {unpack2('<' .. string.rep('BBBd', nlim), ARGV[16])} or {}
+  for j = 1, 4 * nlim, 4 do
+    local metric, window, limit = L[j + 1], WINDOWS[L[j + 2]], L[j + 3]
+    local w = W[L[j]]
     local used, reserved, reset = 0, 0, -1
     if window == 'minute' then
       local r, t = minute(w, us)

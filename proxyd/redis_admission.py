@@ -363,8 +363,9 @@ class RedisAdmission:
             else:  # recovering: every instance re-enters its running holds before admissions resume
                 await asyncio.sleep(min(int(r[1]) / 1e6, 1.0))
 
-    def _limit_args(self, user_limits: Limits, model_limits: Limits) -> tuple[list, str]:
-        """The limits as the script takes them (one string), and what the checks it answers are. Cached
+    def _limit_args(self, user_limits: Limits, model_limits: Limits) -> tuple[list, bytes]:
+        """The limits as the script takes them (one packed argument: scope, metric, window code, limit as
+        a double, per limit), and what the checks it answers are. Cached
         by the limits' identity: the meter hands the same dicts until the admin API replaces them."""
         key = (id(user_limits), id(model_limits))
         hit = self._packed.get(key)
@@ -377,8 +378,8 @@ class RedisAdmission:
                     continue
                 metric, window = LIMIT_FIELDS[name]
                 specs.append((flag, name, value, metric, window))
-                parts.append(f"{flag} {int(metric)} {window} {value} ")
-        packed = "".join(parts)
+                parts.append(struct.pack("<BBBd", flag, int(metric), _WINDOW_CODE[window], value))
+        packed = b"".join(parts)
         if len(self._packed) >= 10_000:  # model names come from clients: keep it bounded
             self._packed.clear()
         self._packed[key] = (user_limits, model_limits, specs, packed)  # holding them: no id is reused meanwhile
@@ -586,6 +587,10 @@ async def _scan_batches(r: Any, pattern: str):
         yield keys
         if cursor == 0:
             return
+
+
+# The script's window codes (its WINDOWS table): limits go to it packed, as struct.unpack reads them.
+_WINDOW_CODE = {MINUTE: 0, CONCURRENT: 1, DAY: 2, MONTH: 3, Window.TOTAL: 4}
 
 
 def _who(user_id: str, scope: str) -> str:
