@@ -70,7 +70,7 @@ def _run(script: str, pairs: int, extra_reserves: int, limits: bytes | str) -> i
                 time.sleep(0.1)
         sha = r.script_load(open(script, encoding="utf-8").read())
         prefix = "cg:"
-        r.hset(prefix + "ready", mapping={"epoch": "e0", "at": 0})
+        r.hset(prefix + "ready", mapping={"epoch": "e0", "at": 0, "layout": 2})
 
         def reserve(rid: str) -> None:
             x = r.evalsha(sha, 0, "reserve", prefix, rid, "inst", 15_000_000, "bench", "llama3.2:1b", 30, 32, 0, 16,

@@ -39,7 +39,7 @@ class _NoLedger:
 async def run(url: str, n: int, profile: bool) -> None:
     prefix = f"proxyd-rtt:{uuid.uuid4().hex[:8]}:"
     adm = RedisAdmission(url, ledger=_NoLedger(), connections_per_key=1, key_prefix=prefix, settle_grace_s=0)
-    await adm.redis.hset(prefix + "ready", mapping={"epoch": "e0", "at": 0})
+    await adm.redis.hset(prefix + "ready", mapping={"epoch": "e0", "at": 0, "layout": 2})
     user = parse_limits(LIMITS, "limits")
     model = parse_limits({"tokens_per_day": 10**12, "total_cost_usd": 10**7}, "limits")
     kw = dict(user_id="bench", model="llama3.2:1b", user_limits=user, model_limits=model, prompt_tokens=30,

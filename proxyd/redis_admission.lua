@@ -3,7 +3,7 @@
 -- prefix. Keys are computed here from the prefix (one Redis, not a cluster: docs/DESIGN.md).
 --
 -- Keys (W = "<len(user)>:<user>:<scope>", scope "*" or a model; length-prefixed so no two collide):
---   ready           hash: epoch, at (us: admissions wait until then after a rebuild), run_id
+--   ready           hash: epoch, at (us: admissions wait until then after a rebuild), run_id, layout
 --   b:<period>:W    r0 r1 r2 h0 h1 h2 (six packed doubles): used requests/tokens/nano-USD, then held
 --                   (reserved) ones; period d<day>, m<month>, total
 --   mz:W / mw:W     the sliding minute: zset request -> admitted (us), hash request -> requests tokens
@@ -269,8 +269,16 @@ local function end_hold(rid, h, state, ttl)
   if h.i then redis.call('SREM', P .. 'ih:' .. h.i, rid) end
 end
 
+-- The keys' layout (what is stored where, and how); the rebuild writes it into the marker. A marker of
+-- another layout (counters written by an older proxyd) is dropped: the counters are rebuilt from the
+-- ledger in this one, as after an empty restart.
+local LAYOUT = '2'
 local function ready_state()
-  local r = redis.call('HMGET', P .. 'ready', 'epoch', 'at')
+  local r = redis.call('HMGET', P .. 'ready', 'epoch', 'at', 'layout')
+  if r[1] and r[3] ~= LAYOUT then
+    redis.call('DEL', P .. 'ready')
+    return nil, 0
+  end
   return r[1], num(r[2])
 end
 

@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import struct
 import time
 import uuid
@@ -164,6 +165,7 @@ class RedisAdmission:
         with open(_SCRIPT, encoding="utf-8") as fh:
             self.script_text = fh.read()
         self.sha = hashlib.sha1(self.script_text.encode()).hexdigest()
+        self.layout = re.search(r"^local LAYOUT = '(\w+)'", self.script_text, re.M).group(1)
         self._head = b"$7\r\nEVALSHA\r\n" + _bulk(self.sha) + _bulk(0)  # every call: EVALSHA <sha> 0 <args>
         self._pipe: _Pipe | None = None
         self._connecting: asyncio.Future | None = None
@@ -246,11 +248,11 @@ class RedisAdmission:
         if self._task is None:
             self._start()
         try:
-            epoch, at = await self.redis.hmget(self.prefix + "ready", "epoch", "at")
+            epoch, at, layout = await self.redis.hmget(self.prefix + "ready", "epoch", "at", "layout")
             sec, usec = await self.redis.time()
         except self.errors as exc:
             return False, f"Redis unreachable ({type(exc).__name__})"
-        if epoch is None:
+        if epoch is None or _s(layout or b"") != self.layout:
             return False, "the counters are being rebuilt from the ledger"
         if int(at) > sec * 1_000_000 + usec:
             return False, "recovering after a rebuild: running requests are being re-entered"
@@ -574,6 +576,7 @@ class RedisAdmission:
         await self._adopt(epoch)
         run_id = (await r.info("server")).get("run_id", "")
         await r.hset(self.prefix + "ready", mapping={"epoch": epoch, "at": int(now * 1e6) + self.recover_us,
+                                                     "layout": self.layout,
                                                      "run_id": run_id})
         self.rebuilds += 1
         log.warning("admission: counters rebuilt from the ledger (%d sums, %d recent requests); epoch %s",

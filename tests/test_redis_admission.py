@@ -123,7 +123,7 @@ class Driver:
     def mark_ready(self) -> None:
         """An empty, ready Redis (what a rebuild from an empty ledger leaves, without its recovery wait)."""
         if self.kind == "redis":
-            self.run(self.adm.redis.hset(self.adm.prefix + "ready", mapping={"epoch": "e0", "at": 0}))
+            self.run(self.adm.redis.hset(self.adm.prefix + "ready", mapping={"epoch": "e0", "at": 0, "layout": 2}))
 
     def reserve(self, **kw):
         return self.run(self.adm.reserve(**kw))
@@ -397,6 +397,32 @@ def test_counters_are_rebuilt_from_the_ledger_after_redis_loses_them(world, redi
     status = {x["name"]: x for x in world.get("/v1/limits", key).json()["limits"]}
     assert status["total_tokens"]["used"] == 4 * one
     assert adm.rebuilds == rebuilds + 2
+
+
+def test_counters_left_in_an_older_layout_are_rebuilt_in_this_one(world, redis_url):
+    """An upgraded proxyd finds counters written by an older one (the marker has no layout, a bucket is a
+    hash): it does not read them as its own (WRONGTYPE, or wrong numbers) but rebuilds from the ledger."""
+    adm = world.ctx.meter.admission
+    key = world.new_user("olga", limits={"total_tokens": 10**6})
+    c = world.client(key)
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=20)
+    world.settle_all()
+    [(billed,)] = world.rows("SELECT SUM(prompt_tokens + completion_tokens) FROM requests WHERE status='settled'")
+    r = redis.Redis.from_url(redis_url)
+    r.hdel(adm.prefix + "ready", "layout")  # the older proxyd's marker
+    bucket = f"{adm.prefix}b:total:4:olga:*"
+    assert r.exists(bucket)
+    r.delete(bucket)
+    r.hset(bucket, mapping={"r0": 1, "r1": billed, "r2": 0})  # the older layout: a hash
+    r.close()
+    rebuilds = adm.rebuilds
+    assert world.admin("GET", "/healthz").status_code == 503  # not ready until rebuilt
+    c.chat.completions.create(model="llama3.2:1b", messages=MSG, max_tokens=20)
+    assert adm.rebuilds == rebuilds + 1
+    world.settle_all()
+    [(billed,)] = world.rows("SELECT SUM(prompt_tokens + completion_tokens) FROM requests WHERE status='settled'")
+    status = {x["name"]: x for x in world.get("/v1/limits", key).json()["limits"]}
+    assert status["total_tokens"]["used"] == billed and status["total_tokens"]["reserved"] == 0
 
 
 def test_only_one_instance_rebuilds(make_world, redis_url):
