@@ -143,6 +143,8 @@ class Run:
                 raise RuntimeError(f"creating the user: HTTP {status} {doc}")
             key = doc["api_key"]
             started = time.monotonic() - t0
+            for _ in range(a.prime):  # the old upstream.url passes GET /v1/models through: one upstream GET each
+                http("GET", f"http://127.0.0.1:{port}/v1/models", token=key, timeout=120)
             self.control(proc, "--instr=on")
             self.load(port, key, a.warmup)
             self.control(proc, "--zero")
@@ -203,6 +205,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rps", type=float, default=1500.0,
                    help="with --idle: the full-speed request rate the probe cost is spread over (default 1500, "
                         "the bench's proxy at 50 connections on this machine)")
+    p.add_argument("--prime", type=int, default=0, metavar="K",
+                   help="K GET /v1/models before the warm-up (with upstream.url, K upstream GETs before the first "
+                        "POST, as its probes would be; the routing variants answer them from their lists)")
     p.add_argument("--top", type=int, default=12,
                    help="C functions whose instructions per request differ most, N upstreams vs one (0: none)")
     p.add_argument("--tree", metavar="DIR", help="the proxyd tree to measure (default this one)")
@@ -248,7 +253,8 @@ def report(results: dict[str, Any], a: argparse.Namespace) -> str:
     v = results["variants"]
     base = min(x["per_request"] for x in v["proxy"])
     lines = [f"instructions per request of the proxy process (callgrind; {a.requests} non-stream chats at "
-             f"{a.concurrency} connections after {a.warmup} warm-up, each run)", "",
+             f"{a.concurrency} connections after {a.warmup} warm-up, each run"
+             + (f"; {a.prime} GET /v1/models first" if a.prime else "") + ")", "",
              f"| variant | instructions / request (each run) | vs proxy (one upstream.url) |", "|---|---|---|"]
     mean = {}
     for name, runs in v.items():
