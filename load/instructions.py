@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench.processes import ADMIN_TOKEN, PY, ROOT, Proc, free_port, http, proxy_config, wait_ready
-from .bench.runner import Bench
+from .bench.runner import Bench, ledger_counters
 from .bench.workload import GENEROUS, small_chat
 
 SUMMARY = re.compile(rb"^summary:\s+(\d+)", re.MULTILINE)
@@ -147,17 +147,22 @@ class Run:
                 http("GET", f"http://127.0.0.1:{port}/v1/models", token=key, timeout=120)
             self.control(proc, "--instr=on")
             self.load(port, key, a.warmup)
+            l0 = ledger_counters(f"http://127.0.0.1:{port}")  # read outside the counted window
             self.control(proc, "--zero")
             w0 = time.monotonic()
             res = self.load(port, key, a.requests)
             wall = time.monotonic() - w0
             self.control(proc, "--dump=measured")
             f = self.dumped(base, "measured")
+            l1 = ledger_counters(f"http://127.0.0.1:{port}")
         finally:
             proc.stop(grace=120)
         ir = int(SUMMARY.search(f.read_bytes()).group(1))
+        # The ledger's group commits follow the timing (more rows per commit when the writer thread gets
+        # the CPU later): the part of the count that moves most between runs, so shown with each.
+        per_commit = round((l1[1] - l0[1]) / (l1[0] - l0[0]), 2) if l0 and l1 and l1[0] > l0[0] else None
         return {"requests": res["ok"], "instructions": ir, "per_request": ir / res["ok"], "file": str(f),
-                "wall_s": round(wall, 1), "startup_s": round(started, 1)}
+                "wall_s": round(wall, 1), "startup_s": round(started, 1), "writes_per_commit": per_commit}
 
     def idle(self, name: str, upstreams: int) -> dict[str, Any]:
         proc, _, base = self.start(name, upstreams, probes=True)
@@ -178,6 +183,42 @@ class Run:
     def close(self) -> None:
         self.emulator.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# The router alone, in one process: pick, acquire and release for ``n`` requests, 8 of them in flight
+# (as at 8 connections), upstream.url's fast path (0) or an upstreams list of that many.
+ROUTER_LOOP = r"""
+import sys
+from proxyd.backends.ollama import OllamaBackend
+from proxyd.backends.router import Router
+from proxyd.upstream import Upstream
+upstreams, n = int(sys.argv[1]), int(sys.argv[2])
+model = "llama3.2:1b"
+count = max(1, upstreams)
+backends = [OllamaBackend(Upstream("http://127.0.0.1:9"), None, f"u{i}") for i in range(count)]
+specs = [{"name": f"u{i}", "kind": "ollama", "url": "http://127.0.0.1:9"} for i in range(count)]
+router = Router(backends, specs, legacy=upstreams == 0)
+for b in backends:  # as after the first model list and /api/ps: the model served and loaded everywhere
+    b.state.models, b.state.loaded = {model}, {model}
+held = []
+for _ in range(n):
+    router.pick(model, "chat")
+    held.append(router.acquire(model, None, "chat"))
+    if len(held) == 8:
+        router.release(held.pop(0), False, 0.01)
+"""
+
+
+def router_instructions(upstreams: int, tree: Path, out_dir: Path, n: int = 20_000) -> float:
+    """Instructions of Router.pick + acquire + release per request (and of the loop around them): two
+    runs of the loop, n requests apart, under callgrind; their difference cancels start-up."""
+    counts = []
+    for loops in (1_000, 1_000 + n):
+        out = out_dir / f"callgrind.router-{upstreams}.{loops}"
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", PY, "-c", ROUTER_LOOP,
+                        str(upstreams), str(loops)], cwd=tree, capture_output=True, check=True, timeout=600)
+        counts.append(int(SUMMARY.search(out.read_bytes()).group(1)))
+    return (counts[1] - counts[0]) / n
 
 
 def functions(path: str) -> dict[str, int]:
@@ -210,6 +251,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "POST, as its probes would be; the routing variants answer them from their lists)")
     p.add_argument("--top", type=int, default=12,
                    help="C functions whose instructions per request differ most, N upstreams vs one (0: none)")
+    p.add_argument("--router", action="store_true",
+                   help="also the router alone (pick, acquire, release in a loop, no server) per variant")
     p.add_argument("--tree", metavar="DIR", help="the proxyd tree to measure (default this one)")
     p.add_argument("--keep", metavar="DIR", help="keep the callgrind files here (callgrind_annotate FILE)")
     p.add_argument("--json", metavar="PATH", help="also write the figures here")
@@ -236,11 +279,17 @@ def main(argv: list[str] | None = None) -> int:
                 r = run.requests(name, names[name])
                 results["variants"][name].append(r)
                 run.progress(f"{name:10s} {r['per_request']:12,.0f} instructions/request ({r['requests']} requests, "
-                             f"{r['wall_s']} s measured, start-up {r['startup_s']} s)")
+                             f"{r['writes_per_commit']} ledger writes/commit, {r['wall_s']} s measured, "
+                             f"start-up {r['startup_s']} s)")
         if a.idle:
             for name, n in names.items():
                 r = results["idle"][name] = run.idle(name, n)
                 run.progress(f"{name:10s} idle {r['per_second']:12,.0f} instructions/s")
+        if a.router:
+            results["router"] = {}
+            for name, n in names.items():
+                r = results["router"][name] = router_instructions(n, run.tree, run.out_dir)
+                run.progress(f"{name:10s} router alone {r:10,.0f} instructions/request")
     finally:
         run.close()
     print(report(results, a))
@@ -255,12 +304,15 @@ def report(results: dict[str, Any], a: argparse.Namespace) -> str:
     lines = [f"instructions per request of the proxy process (callgrind; {a.requests} non-stream chats at "
              f"{a.concurrency} connections after {a.warmup} warm-up, each run"
              + (f"; {a.prime} GET /v1/models first" if a.prime else "") + ")", "",
-             f"| variant | instructions / request (each run) | vs proxy (one upstream.url) |", "|---|---|---|"]
+             "| variant | instructions / request (each run) | vs proxy (one upstream.url) | ledger writes / commit |",
+             "|---|---|---|---|"]
     mean = {}
+    mean_base = sum(x["per_request"] for x in v["proxy"]) / len(v["proxy"])
     for name, runs in v.items():
         per = [x["per_request"] for x in runs]
         mean[name] = sum(per) / len(per)
-        lines.append(f"| {name} | {' / '.join(f'{x:,.0f}' for x in per)} | x{mean[name] / (sum(x['per_request'] for x in v['proxy']) / len(v['proxy'])):.4f} |")
+        wpc = " / ".join(str(x.get("writes_per_commit")) for x in runs)
+        lines.append(f"| {name} | {' / '.join(f'{x:,.0f}' for x in per)} | x{mean[name] / mean_base:.4f} | {wpc} |")
     if results["idle"]:
         lines += ["", f"idle, default probe interval (probes, timers), spread over {a.rps:g} requests/s:", "",
                   "| variant | instructions / s idle | per request at that rate | that, vs proxy's per request |",
@@ -268,6 +320,12 @@ def report(results: dict[str, Any], a: argparse.Namespace) -> str:
         for name, r in results["idle"].items():
             per = r["per_second"] / a.rps
             lines.append(f"| {name} | {r['per_second']:,.0f} | {per:,.0f} | {100 * per / base:.3f}% |")
+    if results.get("router"):
+        base_router = results["router"]["proxy"]
+        lines += ["", "the router alone: pick + acquire + release (and the loop around them), 8 in flight:", "",
+                  "| variant | instructions / request | minus proxy's | that, vs proxy's per request |", "|---|---|---|---|"]
+        for name, r in results["router"].items():
+            lines.append(f"| {name} | {r:,.0f} | {r - base_router:+,.0f} | {100 * (r - base_router) / base:+.3f}% |")
     big = f"proxy-{a.upstreams}up"
     if a.top and big in v:
         one, many = v["proxy"][0], v[big][0]
