@@ -209,14 +209,14 @@ for _ in range(n):
 """
 
 
-def router_instructions(upstreams: int, tree: Path, out_dir: Path, n: int = 20_000) -> float:
+def router_instructions(upstreams: int, tree: Path, out_dir: Path, env: dict[str, str], n: int = 20_000) -> float:
     """Instructions of Router.pick + acquire + release per request (and of the loop around them): two
     runs of the loop, n requests apart, under callgrind; their difference cancels start-up."""
     counts = []
     for loops in (1_000, 1_000 + n):
         out = out_dir / f"callgrind.router-{upstreams}.{loops}"
         subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", PY, "-c", ROUTER_LOOP,
-                        str(upstreams), str(loops)], cwd=tree, capture_output=True, check=True, timeout=600)
+                        str(upstreams), str(loops)], cwd=tree, env=env, capture_output=True, check=True, timeout=600)
         counts.append(int(SUMMARY.search(out.read_bytes()).group(1)))
     return (counts[1] - counts[0]) / n
 
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.router:
             results["router"] = {}
             for name, n in names.items():
-                r = results["router"][name] = router_instructions(n, run.tree, run.out_dir)
+                r = results["router"][name] = router_instructions(n, run.tree, run.out_dir, run.env)
                 run.progress(f"{name:10s} router alone {r:10,.0f} instructions/request")
     finally:
         run.close()
