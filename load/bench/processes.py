@@ -130,6 +130,23 @@ def prefill_ledger(root: Path, db: Path, rows: int) -> None:
     subprocess.run([PY, "-c", PREFILL, str(db), str(rows)], cwd=root, check=True, timeout=1800)
 
 
+def proxy_config(port: int, emu_url: str, db: Path) -> dict[str, Any]:
+    """The proxy's config in every bench (and in load.instructions): one upstream, the SQLite ledger, every
+    limit configured for the bench user, no access log."""
+    return {
+        "server": {"address": "127.0.0.1", "port": port},
+        "upstream": {"url": emu_url},
+        "database": {"path": str(db)},
+        "logging": {"access_log": False, "level": "WARNING"},
+        "limits": {"default": GENEROUS},
+        "pricing": {
+            MODEL: {"input_per_million_usd": 0.02, "output_per_million_usd": 0.05},
+            "moondream": {"input_per_million_usd": 0.05, "output_per_million_usd": 0.10},
+            "default": {"input_per_million_usd": 0.10, "output_per_million_usd": 0.20},
+        },
+    }
+
+
 class Proc:
     def __init__(self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> None:
@@ -237,18 +254,7 @@ class Stack:
                                                    "--token-delay", str(token_delay), "--log-level", "WARNING"], d, env)
         self.db = d / f"proxy-{label}.db"
         cfg = d / f"proxy-{label}.yaml"
-        cfg.write_text(json.dumps({  # JSON is YAML
-            "server": {"address": "127.0.0.1", "port": self.proxy_port},
-            "upstream": {"url": self.emu_url},
-            "database": {"path": str(self.db)},
-            "logging": {"access_log": False, "level": "WARNING"},
-            "limits": {"default": GENEROUS},
-            "pricing": {
-                MODEL: {"input_per_million_usd": 0.02, "output_per_million_usd": 0.05},
-                "moondream": {"input_per_million_usd": 0.05, "output_per_million_usd": 0.10},
-                "default": {"input_per_million_usd": 0.10, "output_per_million_usd": 0.20},
-            },
-        }, indent=1))
+        cfg.write_text(json.dumps(proxy_config(self.proxy_port, self.emu_url, self.db), indent=1))  # JSON is YAML
         if bench.args.ledger_rows:
             bench.progress(f"pre-filling each proxy's ledger with {bench.args.ledger_rows} rows ({label})")
             prefill_ledger(ROOT, self.db, bench.args.ledger_rows)

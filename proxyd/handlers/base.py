@@ -77,6 +77,15 @@ def new_request_id() -> str:
 class BaseHandler(tornado.web.RequestHandler):
     def initialize(self, ctx) -> None:  # ctx: proxyd.server.Context, given by the route table
         self.ctx = ctx
+        # Every attribute a request sets is set here, in __init__, not first in prepare() or later:
+        # CPython 3.11 keeps a class's instance attributes in one shared table that stops taking new
+        # names once a few instances exist (each new instance shrinks its free room), and Tornado creates
+        # the handlers of a burst of requests before any of them reaches prepare(). A name first set
+        # there was left out, and every handler then carried a dict of its own, built per request, with
+        # slower attribute reads and writes (python -m load.instructions; docs/PERFORMANCE.md, 2026-11-30).
+        self._counted = False
+        self._key_slot: str | None = None
+        self._transforms, self.path_args, self.path_kwargs = [], [], {}  # Tornado's: set again in its _execute
         origin = self.request.headers.get("Origin")
         # CORS is off unless server.cors_origins lists the origin (or "*"). Decided once, here (also for
         # NotFoundHandler), and re-applied by set_default_headers: Tornado's send_error clears every
@@ -132,7 +141,6 @@ class BaseHandler(tornado.web.RequestHandler):
     def prepare(self) -> None:
         self.ctx.in_flight += 1
         self._counted = True
-        self._key_slot: str | None = None
         if self._cors_origin and self.request.method == "OPTIONS":
             self._answer_preflight()
         if self.ctx.shutting_down:
@@ -274,10 +282,10 @@ class BaseHandler(tornado.web.RequestHandler):
         self.ctx.access_log(self)
 
     def _release(self) -> None:
-        if getattr(self, "_counted", False):
+        if self._counted:
             self._counted = False
             self.ctx.in_flight -= 1
-        if getattr(self, "_key_slot", None) is not None:
+        if self._key_slot is not None:
             self.ctx.meter.admission.open_requests.leave(self._key_slot, self)
             self._key_slot = None
 

@@ -49,6 +49,10 @@ class ProxyHandler(BaseHandler):
     _stop_reason = ""
     _stalled_flush = None  # the flush being waited for while the client's socket buffer is full
 
+    def initialize(self, ctx) -> None:
+        super().initialize(ctx)
+        self.call = None  # set here, not first in post(): see BaseHandler.initialize
+
     def prepare(self) -> None:
         super().prepare()
         self.authenticate_user(self.endpoint.credentials(self.request.headers))
