@@ -147,9 +147,10 @@ class _Pipe(asyncio.Protocol):
         return bool(self.waiting) and time.monotonic() - self.waiting[0][1] > timeout
 
 
-def _bulk(arg: Any) -> bytes:
-    b = arg if type(arg) is bytes else str(arg).encode()
-    return b"$%d\r\n%s\r\n" % (len(b), b)
+def _bulks(args: list) -> list[bytes]:
+    """RESP bulk strings of a command's arguments (comprehensions: no Python frame per argument)."""
+    enc = [a if type(a) is bytes else str(a).encode() for a in args]
+    return [b"$%d\r\n%s\r\n" % (len(e), e) for e in enc]
 
 
 class RedisAdmission:
@@ -166,7 +167,7 @@ class RedisAdmission:
             self.script_text = fh.read()
         self.sha = hashlib.sha1(self.script_text.encode()).hexdigest()
         self.layout = re.search(r"^local LAYOUT = '(\w+)'", self.script_text, re.M).group(1)
-        self._head = b"$7\r\nEVALSHA\r\n" + _bulk(self.sha) + _bulk(0)  # every call: EVALSHA <sha> 0 <args>
+        self._head = b"".join(_bulks(["EVALSHA", self.sha, 0]))  # every call: EVALSHA <sha> 0 <args>
         self._pipe: _Pipe | None = None
         self._connecting: asyncio.Future | None = None
         self.socket_timeout_s = socket_timeout_s
@@ -294,9 +295,7 @@ class RedisAdmission:
         pipe = self._pipe
         if pipe is None or pipe.lost is not None:
             pipe = await self._connect()
-        enc = [a if type(a) is bytes else str(a).encode() for a in args]  # one frame, not one per argument
-        packed = b"".join([b"*%d\r\n" % (len(args) + 3), self._head,
-                           *[b"$%d\r\n%s\r\n" % (len(e), e) for e in enc]])
+        packed = b"".join([b"*%d\r\n" % (len(args) + 3), self._head, *_bulks(args)])
         fut = pipe.call(packed)
         try:
             reply = await fut
@@ -335,7 +334,7 @@ class RedisAdmission:
         if kw.get("db"):
             setup.append(["SELECT", kw["db"]])
         for cmd in setup:
-            reply = await asyncio.wait_for(pipe.call(b"".join([b"*%d\r\n" % len(cmd), *map(_bulk, cmd)])),
+            reply = await asyncio.wait_for(pipe.call(b"".join([b"*%d\r\n" % len(cmd), *_bulks(cmd)])),
                                            self.socket_timeout_s)
             if type(reply) is _REPLY_ERROR:
                 pipe.transport.close()

@@ -56,6 +56,27 @@ def load(bases: list[str], key: str, answered: list[str], stop: threading.Event,
     return running
 
 
+def kill_under_load(bases: list[str], key: str, victim: subprocess.Popen, pg_dsn: str, **kw) -> float:
+    """Load on every base, kill -9 of `victim` 2 s in, the load stopped 0.5 s later: every request a client
+    was answered is settled in the ledger. Returns when the kill happened (time.monotonic())."""
+    answered: list[str] = []
+    stop = threading.Event()
+    threads = load(bases, key, answered, stop, **kw)
+    time.sleep(2.0)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    killed = time.monotonic()
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    assert len(answered) > 20
+    status = dict(fetch(pg_dsn, "SELECT id, status FROM requests"))
+    missing = [rid for rid in answered if status.get(rid) != "settled"]
+    assert not missing, f"{len(missing)} answered requests not settled in the ledger: {missing[:5]}"
+    return killed
+
+
 def test_kill_9_of_one_instance_under_load_loses_no_answered_request(tmp_path, emulator, pg_dsn):  # noqa: F811
     pa, pb = free_port(), free_port()
     a = start(tmp_path, pg_dsn, emulator, pa)
@@ -63,20 +84,7 @@ def test_kill_9_of_one_instance_under_load_loses_no_answered_request(tmp_path, e
     try:
         key = new_key(f"http://127.0.0.1:{pa}", "alice")
         time.sleep(0.3)  # b hears of the key (LISTEN/NOTIFY)
-        answered: list[str] = []
-        stop = threading.Event()
-        threads = load([f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"], key, answered, stop)
-        time.sleep(2.0)
-        a.send_signal(signal.SIGKILL)
-        a.wait(10)
-        time.sleep(0.5)
-        stop.set()
-        for t in threads:
-            t.join(15)
-        assert len(answered) > 20
-        status = dict(fetch(pg_dsn, "SELECT id, status FROM requests"))
-        missing = [rid for rid in answered if status.get(rid) != "settled"]
-        assert not missing, f"{len(missing)} answered requests not settled in the ledger: {missing[:5]}"
+        kill_under_load([f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"], key, a, pg_dsn)
         # a's pending rows (requests it was running when killed) are expired by b once a's heartbeat is stale.
         deadline = time.time() + 15
         while fetch(pg_dsn, "SELECT 1 FROM requests WHERE status = 'pending'"):

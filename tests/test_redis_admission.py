@@ -679,13 +679,10 @@ def test_kill_9_under_load_holds_lapse_and_counters_agree_with_the_ledger(tmp_pa
     """Every request the killed instance answered is in the ledger; its reservations lapse within the
     lease (and the survivor rebuilds from the ledger); afterwards /v1/limits and /v1/usage agree with
     the ledger."""
-    import signal
-    import threading
-
     import httpx
 
     from tests.test_postgres import fetch
-    from tests.test_postgres_process import load
+    from tests.test_postgres_process import kill_under_load
     from tests.test_process import ADMIN, free_port
 
     prefix = _prefix()
@@ -700,21 +697,7 @@ def test_kill_9_under_load_holds_lapse_and_counters_agree_with_the_ledger(tmp_pa
         assert r.status_code == 201, r.text
         key = r.json()["api_key"]
         time.sleep(0.3)  # b hears of the key (LISTEN/NOTIFY)
-        answered: list[str] = []
-        stop = threading.Event()
-        threads = load([f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"], key, answered, stop, threads=8)
-        time.sleep(2.0)
-        a.send_signal(signal.SIGKILL)
-        a.wait(10)
-        killed = time.monotonic()
-        time.sleep(0.5)
-        stop.set()
-        for t in threads:
-            t.join(15)
-        assert len(answered) > 20
-        status = dict(fetch(pg_dsn, "SELECT id, status FROM requests"))
-        missing = [rid for rid in answered if status.get(rid) != "settled"]
-        assert not missing, f"{len(missing)} answered requests not settled in the ledger: {missing[:5]}"
+        killed = kill_under_load([f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"], key, a, pg_dsn, threads=8)
 
         def limits() -> dict:
             r = httpx.get(f"http://127.0.0.1:{pb}/v1/limits", headers={"Authorization": f"Bearer {key}"}, timeout=15)
